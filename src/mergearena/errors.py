@@ -1,0 +1,20 @@
+"""Errors that are part of mergearena's interface.
+
+Every message says what was wrong, where (file, recipe key, tensor name) and what to do.
+"""
+
+
+class MergeArenaError(Exception):
+    """Base class: the CLI prints these without a traceback."""
+
+
+class RecipeError(MergeArenaError):
+    """The recipe is invalid (unknown method or parameter, bad value, missing base model...)."""
+
+
+class CheckpointError(MergeArenaError):
+    """A checkpoint or adapter cannot be read: missing, corrupt, truncated, unsupported format."""
+
+
+class ShapeMismatchError(CheckpointError):
+    """Inputs disagree on a tensor's presence or shape."""
