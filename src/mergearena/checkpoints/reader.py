@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 import threading
@@ -64,6 +65,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int = 0  # where the tensor's bytes start in a safetensors file
 
     @property
     def numel(self) -> int:
@@ -147,7 +149,8 @@ def read_safetensors_header(file: Path) -> list[TensorInfo]:
                 f"{data_size} data bytes",
             )
         data_end = max(data_end, end)
-        entries.append((begin, TensorInfo(name=name, shape=shape, dtype=dtype, file=file)))
+        info = TensorInfo(name, shape, dtype, file, offset=8 + header_length + begin)
+        entries.append((begin, info))
     if data_end != data_size:
         raise _corrupt(
             file,
@@ -164,6 +167,24 @@ def read_safetensors_header(file: Path) -> list[TensorInfo]:
             )
         position += info.nbytes
     return [info for _, info in entries]
+
+
+def _pread_tensor(descriptor: int, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes into a fresh tensor the caller owns."""
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(buffer.numpy()) if info.nbytes else memoryview(b"")
+    done = 0
+    while done < info.nbytes:
+        try:
+            count = os.preadv(descriptor, [view[done:]], info.offset + done)
+        except OSError as error:
+            raise CheckpointError(
+                f"{info.file}: cannot read tensor {info.name!r} ({error})"
+            ) from error
+        if count == 0:
+            raise _corrupt(info.file, f"it ended while reading tensor {info.name!r}")
+        done += count
+    return buffer.view(info.dtype).reshape(info.shape)
 
 
 def load_torch_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -242,7 +263,7 @@ class Checkpoint:
         self.config = config
         self.tensors = tensors
         self._loaded = loaded or {}  # tensors of memory-mapped .bin files
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, int] = {}
         self._handles_lock = threading.Lock()
 
     @classmethod
@@ -330,29 +351,21 @@ class Checkpoint:
             if loaded is None:
                 raise CheckpointError(f"{self.path}: checkpoint is closed; open it again.")
             return loaded.clone()
-        handle = self._handle(info.file)
-        try:
-            mapped = handle.get_tensor(name)
-        except Exception as error:  # safetensors raises its own error types
-            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({error}).") from error
-        # get_tensor returns a view of the handle's private file mapping: an in-place edit by the
-        # caller would show up in every later read of this tensor. Copy it (a prefetching thread
-        # pays for the copy while the main thread computes).
-        return mapped.clone()
+        return _pread_tensor(self._descriptor(info.file), info)
 
-    def _handle(self, file: Path) -> Any:
-        # One safe_open handle per file, shared by the main thread and a prefetching thread.
+    def _descriptor(self, file: Path) -> int:
+        # One descriptor per file, shared by the main thread and a prefetching thread: pread
+        # needs no shared file position. Reading into our own buffer instead of memory-mapping
+        # keeps the file's pages out of this process's resident memory.
         with self._handles_lock:
-            handle = self._handles.get(file)
-            if handle is None:
-                from safetensors import safe_open
-
+            descriptor = self._handles.get(file)
+            if descriptor is None:
                 try:
-                    handle = safe_open(str(file), framework="pt", device="cpu")
-                except Exception as error:
-                    raise _corrupt(file, f"safetensors cannot open it ({error})") from error
-                self._handles[file] = handle
-            return handle
+                    descriptor = os.open(file, os.O_RDONLY)
+                except OSError as error:
+                    raise CheckpointError(f"{file}: cannot open it ({error})") from error
+                self._handles[file] = descriptor
+            return descriptor
 
     @property
     def num_layers(self) -> int | None:
@@ -372,6 +385,8 @@ class Checkpoint:
 
     def close(self) -> None:
         with self._handles_lock:
+            for descriptor in self._handles.values():
+                os.close(descriptor)
             self._handles.clear()
         self._loaded.clear()
 

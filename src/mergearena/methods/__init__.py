@@ -4,6 +4,12 @@
 ``all_methods()`` lists every method with its parameters (what ``mergearena methods`` prints).
 """
 
+from mergearena.methods.geometric_median import geometric_median  # noqa: E402
+
+# Importing the families registers their methods.
+from mergearena.methods.linear import linear, passthrough  # noqa: E402
+from mergearena.methods.lora import lora_concat, lora_svd  # noqa: E402
+from mergearena.methods.model_stock import model_stock  # noqa: E402
 from mergearena.methods.registry import (
     LoraFactors,
     MethodSpec,
@@ -14,9 +20,7 @@ from mergearena.methods.registry import (
     merge_method,
     method_names,
 )
-
-# Importing the families registers their methods.
-from mergearena.methods.linear import linear, passthrough  # noqa: E402
+from mergearena.methods.spherical import karcher, multislerp, nearswap, slerp  # noqa: E402
 from mergearena.methods.task_arithmetic import (  # noqa: E402
     breadcrumbs,
     breadcrumbs_ties,
@@ -27,10 +31,6 @@ from mergearena.methods.task_arithmetic import (  # noqa: E402
     task_arithmetic,
     ties,
 )
-from mergearena.methods.spherical import karcher, multislerp, nearswap, slerp  # noqa: E402
-from mergearena.methods.model_stock import model_stock  # noqa: E402
-from mergearena.methods.geometric_median import geometric_median  # noqa: E402
-from mergearena.methods.lora import lora_concat, lora_svd  # noqa: E402
 
 __all__ = [
     "LoraFactors",

@@ -1,6 +1,7 @@
 """The merge-method registry: a method is one decorated function, its signature is its contract.
 
-Conventions a method function follows (the decorator reads them, the recipe validator enforces them):
+Conventions a method function follows (the decorator reads them, the recipe validator enforces
+them):
 
 - The first positional argument ``tensors: list[Tensor]`` holds the inputs, one per model, in recipe
   order. For methods that take a base model, the base is *not* in that list.
@@ -8,10 +9,11 @@ Conventions a method function follows (the decorator reads them, the recipe vali
   makes it optional.
 - Arguments annotated ``list[...]`` are per-model parameters (one value per entry of ``tensors``);
   scalars (``float``, ``int``, ``bool``, ``str``/``Literal``) are global.
-- ``Annotated[float, Range(...)]`` (or ``Annotated[list[float], Range(...)]``) declares the valid range.
+- ``Annotated[float, Range(...)]`` (or ``Annotated[list[float], Range(...)]``) declares the valid
+  range.
 - A trailing underscore maps a Python keyword to its recipe key: ``lambda_`` is ``lambda`` in YAML.
-- An argument named ``generator`` (``torch.Generator | None``) marks the method as random; the engine
-  passes a generator seeded from the recipe's ``seed`` and the tensor's name.
+- An argument named ``generator`` (``torch.Generator | None``) marks the method as random; the
+  engine passes a generator seeded from the recipe's ``seed`` and the tensor's name.
 
 Adapter-space methods (``output="adapter"``) take ``factors: list[LoraFactors]`` instead and return
 ``LoraFactors``: they merge LoRA adapters into one adapter rather than into full weights.
@@ -49,8 +51,16 @@ class Range:
         )
 
     def describe(self) -> str:
-        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else "(-inf"
-        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else "inf)"
+        low = "(-inf"
+        if self.ge is not None:
+            low = f"[{self.ge}"
+        elif self.gt is not None:
+            low = f"({self.gt}"
+        high = "inf)"
+        if self.le is not None:
+            high = f"{self.le}]"
+        elif self.lt is not None:
+            high = f"{self.lt})"
         return f"{low}, {high}"
 
 
@@ -249,7 +259,7 @@ def method_names() -> list[str]:
 class LoraFactors:
     """One LoRA module's low-rank factors: ``delta = scale * up @ down``.
 
-    ``down`` is PEFT's ``lora_A`` (rank × in_features) and ``up`` is ``lora_B`` (out_features × rank).
+    ``down`` is PEFT's ``lora_A`` (rank × in_features), ``up`` is ``lora_B`` (out_features × rank).
     """
 
     down: torch.Tensor

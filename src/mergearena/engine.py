@@ -1,0 +1,594 @@
+"""The merge engine: recipe → plan → stream tensors → method → write.
+
+Everything that can fail on the inputs' metadata (references, architectures, tensor names and
+shapes, parameter values per tensor) is checked while planning, before any tensor is read. Then
+tensors stream one at a time: a reader thread loads the next tensor's inputs while the current one
+is merged, and a writer thread appends the previous result to a safetensors shard whose header was
+written up front. Peak memory is a few tensors, not a model. Output goes to a temporary directory
+that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mergearena.checkpoints import (
+    Checkpoint,
+    LoraAdapter,
+    StreamingShardWriter,
+    atomic_directory,
+    copy_support_files,
+    is_adapter_dir,
+    resolve_model_ref,
+    write_adapter,
+)
+from mergearena.errors import CheckpointError, RecipeError, ShapeMismatchError
+from mergearena.methods import LoraFactors, MethodSpec
+from mergearena.recipe import Recipe, evaluate_setting, parse_recipe
+
+RECIPE_FILE = "mergearena_recipe.yaml"
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass
+class Source:
+    """Where one model's tensors come from: a checkpoint, or a base checkpoint plus an adapter."""
+
+    ref: str
+    checkpoint: Checkpoint
+    adapter: LoraAdapter | None = None
+
+    @property
+    def support_dir(self) -> Path:
+        """The directory holding this model's config and tokenizer."""
+        return self.checkpoint.path
+
+    def read(self, name: str, cache: dict[tuple[int, str], torch.Tensor]) -> torch.Tensor:
+        key = (id(self.checkpoint), name)
+        if key not in cache:
+            cache[key] = self.checkpoint.get(name)
+        tensor = cache[key]
+        if self.adapter is not None:
+            # PEFT saves a full copy of modules it trains outright (modules_to_save, and the
+            # embedding when embeddings are LoRA targets); the LoRA delta adds on top of either.
+            replacement = self.adapter.full_tensor(name)
+            if replacement is not None:
+                tensor = replacement
+            delta = self.adapter.delta(name, tuple(tensor.shape))
+            if delta is not None:
+                tensor = (tensor.float() + delta).to(tensor.dtype)
+        return tensor
+
+
+@dataclass
+class TensorTask:
+    """One output tensor: its name, shape, dtype and the method's arguments resolved for it."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    arguments: dict[str, Any]
+    merge: bool  # False: copy the reference tensor (non-float tensors)
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MethodSpec
+    base: Source | None
+    inputs: list[Source]
+    reference: Source
+    tasks: list[TensorTask] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(_nbytes(task.shape, task.out_dtype) for task in self.tasks)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out: Path
+    tensors: int
+    bytes: int
+    seconds: float
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+class _Opener:
+    """Opens each checkpoint once, however many recipe entries refer to it."""
+
+    def __init__(self, allow_download: bool) -> None:
+        self.allow_download = allow_download
+        self.checkpoints: dict[Path, Checkpoint] = {}
+
+    def checkpoint(self, ref: str) -> Checkpoint:
+        path = resolve_model_ref(ref, allow_download=self.allow_download).resolve()
+        if path not in self.checkpoints:
+            if is_adapter_dir(path):
+                raise RecipeError(
+                    f"{ref} is a LoRA adapter, not a model; it cannot be a base model"
+                )
+            self.checkpoints[path] = Checkpoint.open(path)
+        return self.checkpoints[path]
+
+    def source(self, ref: str, base_ref: str | None) -> Source:
+        model_ref, plus, adapter_ref = ref.partition("+")
+        if plus and not Path(ref).exists():  # mergekit's "model+adapter" syntax
+            adapter = LoraAdapter.open(
+                resolve_model_ref(adapter_ref, allow_download=self.allow_download)
+            )
+            return Source(ref, self.checkpoint(model_ref), adapter)
+        path = resolve_model_ref(ref, allow_download=self.allow_download)
+        if is_adapter_dir(path):
+            adapter = LoraAdapter.open(path)
+            adapter_base = base_ref or adapter.base_model_name_or_path
+            if not adapter_base:
+                raise RecipeError(
+                    f"{ref} is a LoRA adapter that names no base model; set 'base_model' in the "
+                    f"recipe (or write it as 'BASE+{ref}')"
+                )
+            return Source(ref, self.checkpoint(adapter_base), adapter)
+        return Source(ref, self.checkpoint(ref))
+
+    def close(self) -> None:
+        for checkpoint in self.checkpoints.values():
+            checkpoint.close()
+
+
+def _check_compatible(reference: Source, others: list[Source]) -> None:
+    """Every input has the reference's architecture and exactly its tensor names and shapes."""
+    ref_config = reference.checkpoint.config
+    for source in others:
+        config = source.checkpoint.config
+        for key in ("model_type", "architectures"):
+            if ref_config.get(key) and config.get(key) and ref_config[key] != config[key]:
+                raise ShapeMismatchError(
+                    f"architectures differ: {reference.ref} has {key} {ref_config[key]!r} but "
+                    f"{source.ref} has {config[key]!r}; only models of one architecture merge"
+                )
+        ref_tensors = reference.checkpoint.tensors
+        tensors = source.checkpoint.tensors
+        missing = [name for name in ref_tensors if name not in tensors]
+        extra = [name for name in tensors if name not in ref_tensors]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(
+                    f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+                )
+            if extra:
+                parts.append(f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
+            raise ShapeMismatchError(
+                f"{source.ref} ({source.checkpoint.path}) does not have the tensors of "
+                f"{reference.ref}: {'; '.join(parts)}"
+            )
+        for name, info in ref_tensors.items():
+            other = tensors[name]
+            if tuple(other.shape) != tuple(info.shape):
+                hint = (
+                    " (vocabulary sizes differ: pick models with the same tokenizer)"
+                    if "embed" in name or "lm_head" in name or "wte" in name
+                    else ""
+                )
+                raise ShapeMismatchError(
+                    f"tensor {name} has shape {tuple(info.shape)} in {reference.ref} but "
+                    f"{tuple(other.shape)} in {source.ref}{hint}"
+                )
+        if source.adapter is not None:
+            unknown = sorted(source.adapter.target_weight_names() - set(ref_tensors))
+            if unknown:
+                raise ShapeMismatchError(
+                    f"LoRA adapter {source.ref} targets {unknown[0]}, which {reference.ref} does "
+                    f"not have; is it an adapter for another base model?"
+                )
+
+
+def _coerce(kind: type, value: Any) -> Any:
+    if kind is float and isinstance(value, int | str) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float | str):
+        return int(float(value))
+    return value
+
+
+def _arguments_for(
+    recipe: Recipe, method: MethodSpec, name: str, fraction: float
+) -> dict[str, Any]:
+    """The method's keyword arguments for tensor ``name`` at layer fraction ``fraction``."""
+    entries = recipe.inputs()
+    arguments: dict[str, Any] = {}
+    for parameter in method.parameters:
+        if parameter.per_model:
+            values = []
+            for entry in entries:
+                setting = entry.parameters.get(
+                    parameter.name, recipe.parameters.get(parameter.name)
+                )
+                value = None if setting is None else evaluate_setting(setting, name, fraction)
+                if value is None:
+                    if parameter.required:
+                        raise RecipeError(
+                            f"no value of {parameter.name!r} for {entry.model} applies to tensor "
+                            f"{name}: add a condition without 'filter' as a fallback"
+                        )
+                    value = parameter.default
+                values.append(_coerce(parameter.kind, value))
+            arguments[parameter.argument] = values
+        else:
+            setting = recipe.parameters.get(parameter.name)
+            value = None if setting is None else evaluate_setting(setting, name, fraction)
+            if value is None:
+                if parameter.required:
+                    raise RecipeError(
+                        f"no value of {parameter.name!r} applies to tensor {name}: add a "
+                        f"condition without 'filter' as a fallback"
+                    )
+                value = parameter.default
+            arguments[parameter.argument] = _coerce(parameter.kind, value)
+    return arguments
+
+
+def plan_merge(recipe: Recipe, *, allow_download: bool = False) -> tuple[MergePlan, _Opener]:
+    """Resolve and open every input and work out each output tensor; reads no tensor data."""
+    method = recipe.method
+    opener = _Opener(allow_download)
+    try:
+        takes_base = method.base != "none" and recipe.base_model is not None
+        base = opener.source(recipe.base_model, None) if takes_base else None
+        if base is not None and base.adapter is not None:
+            raise RecipeError(
+                f"base_model {recipe.base_model} must be a full model, not an adapter"
+            )
+        inputs = [opener.source(entry.model, recipe.base_model) for entry in recipe.inputs()]
+        reference = base or inputs[0]
+        _check_compatible(reference, [s for s in [*inputs] if s is not reference])
+        plan = MergePlan(recipe, method, base, inputs, reference)
+        if method.output == "adapter":
+            return plan, opener
+        checkpoint = reference.checkpoint
+        layers = checkpoint.num_layers
+        if recipe.layer_range is not None and layers is not None:
+            if tuple(recipe.layer_range) != (0, layers):
+                raise RecipeError(
+                    f"slices: layer_range {list(recipe.layer_range)} does not cover all {layers} "
+                    f"layers of {reference.ref}; partial ranges (layer stacking) are not supported"
+                )
+        out_dtype = recipe.output_dtype()
+        for name, info in checkpoint.tensors.items():
+            layer = checkpoint.layer_index(name)
+            if layer is None or not layers:
+                fraction = 0.0
+            else:
+                fraction = layer / (layers - 1) if layers > 1 else 1.0
+            merge = info.dtype.is_floating_point
+            plan.tasks.append(
+                TensorTask(
+                    name=name,
+                    shape=tuple(info.shape),
+                    out_dtype=(out_dtype or info.dtype) if merge else info.dtype,
+                    arguments=_arguments_for(recipe, method, name, fraction) if merge else {},
+                    merge=merge,
+                )
+            )
+        return plan, opener
+    except BaseException:
+        opener.close()
+        raise
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no element is NaN or ±Inf: a NaN or Inf element makes the sum non-finite.
+
+    The sum is one fast reduction; only when it overflows is every element checked.
+    """
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator seeded by the recipe seed and the tensor name: results do not depend on order."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return generator
+
+
+class _Executor:
+    def __init__(self, plan: MergePlan, device: torch.device) -> None:
+        self.plan = plan
+        self.device = device
+        self.compute_dtype = plan.recipe.compute_dtype()
+
+    def _load(self, source: Source, task: TensorTask, cache: dict) -> torch.Tensor:
+        tensor = source.read(task.name, cache)
+        if self.compute_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.compute_dtype)
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            where = (
+                source.adapter.path if source.adapter else source.checkpoint.tensors[task.name].file
+            )
+            raise CheckpointError(
+                f"tensor {task.name} in {where} contains NaN or Inf values; the checkpoint is "
+                f"corrupt or diverged, so it cannot be merged"
+            )
+        return tensor.to(self.device, non_blocking=True)
+
+    def read(self, task: TensorTask) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        cache: dict = {}
+        if not task.merge:
+            return self.plan.reference.read(task.name, cache), []
+        base = self._load(self.plan.base, task, cache) if self.plan.base is not None else None
+        inputs = [self._load(source, task, cache) for source in self.plan.inputs]
+        return base, inputs
+
+    def compute(
+        self, task: TensorTask, base: torch.Tensor | None, inputs: list[torch.Tensor]
+    ) -> torch.Tensor:
+        if not task.merge:
+            assert base is not None
+            return base
+        method = self.plan.method
+        arguments = dict(task.arguments)
+        if base is not None:
+            arguments["base"] = base
+        if method.random:
+            arguments["generator"] = _generator(self.plan.recipe.seed, task.name, self.device)
+        result = method.function(inputs, **arguments)
+        if tuple(result.shape) != task.shape:
+            raise RuntimeError(
+                f"{method.name} returned shape {tuple(result.shape)} for {task.name}, "
+                f"expected {task.shape}"
+            )
+        return result.to(task.out_dtype)
+
+
+def _stream(
+    plan: MergePlan,
+    device: torch.device,
+    writer: StreamingShardWriter,
+    advance: Callable[[int], None],
+) -> None:
+    """Read ahead one tensor, merge the current one, write the previous one: all three overlap."""
+    executor = _Executor(plan, device)
+    tasks = plan.tasks
+    with (
+        ThreadPoolExecutor(1, "mergearena-read") as reader,
+        ThreadPoolExecutor(1, "mergearena-write") as writer_pool,
+    ):
+
+        def write(task: TensorTask, tensor: torch.Tensor) -> None:
+            writer.write(task.name, tensor.cpu())
+            advance(_nbytes(task.shape, task.out_dtype))
+
+        pending_write: Future[None] | None = None
+        next_read = reader.submit(executor.read, tasks[0]) if tasks else None
+        for index, task in enumerate(tasks):
+            assert next_read is not None
+            base, inputs = next_read.result()
+            if index + 1 < len(tasks):
+                next_read = reader.submit(executor.read, tasks[index + 1])
+            result = executor.compute(task, base, inputs)
+            del base, inputs
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = writer_pool.submit(write, task, result)
+            del result
+        if pending_write is not None:
+            pending_write.result()
+
+
+def _model_card(plan: MergePlan) -> str:
+    recipe = plan.recipe
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, mergearena]",
+    ]
+    if plan.base is not None:
+        lines.append(f"base_model: {plan.base.ref}")
+    lines += [
+        "---",
+        "",
+        f"# {recipe.name or 'Merged model'}",
+        "",
+        f"Merged with [mergearena](https://pypi.org/project/mergearena/) using "
+        f"**{plan.method.name}** ({plan.method.reference}).",
+        "",
+        "## Inputs",
+        "",
+    ]
+    if plan.base is not None:
+        lines.append(f"- base model: `{plan.base.ref}` ({plan.base.checkpoint.path})")
+    for source in plan.inputs:
+        where = source.adapter.path if source.adapter is not None else source.checkpoint.path
+        kind = f"LoRA adapter on `{source.checkpoint.path}`" if source.adapter else "model"
+        lines.append(f"- `{source.ref}`: {kind} ({where})")
+    lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _support_source(plan: MergePlan, opener: _Opener) -> Path:
+    tokenizer_source = plan.recipe.tokenizer_source
+    if tokenizer_source in (None, "base"):
+        return plan.reference.support_dir
+    return opener.source(tokenizer_source, plan.recipe.base_model).support_dir
+
+
+def _write_support_files(plan: MergePlan, opener: _Opener, directory: Path) -> None:
+    support = _support_source(plan, opener)
+    copy_support_files(plan.reference.support_dir, directory, config=True, tokenizer=False)
+    copy_support_files(support, directory, config=False, tokenizer=True)
+    config_path = directory / "config.json"
+    out_dtype = plan.recipe.output_dtype()
+    if config_path.exists() and out_dtype is not None:
+        config = json.loads(config_path.read_text())
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = DTYPE_NAMES[out_dtype]
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "README.md").write_text(_model_card(plan))
+    (directory / RECIPE_FILE).write_text(plan.recipe.to_yaml())
+
+
+def _merge_adapters(plan: MergePlan, directory: Path) -> tuple[int, int]:
+    """Adapter-space merge: every input is a LoRA adapter; the output is one adapter."""
+    not_adapters = [source.ref for source in plan.inputs if source.adapter is None]
+    if not_adapters:
+        raise RecipeError(
+            f"{plan.method.name} merges LoRA adapters into one adapter; {not_adapters[0]} is not a "
+            f"LoRA adapter (use a full-weight method such as task_arithmetic for full models)"
+        )
+    adapters = [source.adapter for source in plan.inputs if source.adapter is not None]
+    names = sorted(set().union(*(adapter.target_weight_names() for adapter in adapters)))
+    merged: dict[str, tuple[LoraFactors, bool]] = {}
+    total = 0
+    for name in names:
+        present = [i for i, adapter in enumerate(adapters) if name in adapter.target_weight_names()]
+        arguments = _arguments_for(plan.recipe, plan.method, name, 0.0)
+        for key, value in arguments.items():
+            if isinstance(value, list):
+                arguments[key] = [value[i] for i in present]
+        factors = [adapters[i].factors(name) for i in present]
+        result = plan.method.function(factors, **arguments)
+        merged[name] = (result, adapters[present[0]].is_embedding(name))
+        total += result.down.numel() + result.up.numel()
+    fan_in_fan_out = {bool(adapter.config.get("fan_in_fan_out", False)) for adapter in adapters}
+    if len(fan_in_fan_out) > 1:
+        raise RecipeError(
+            "the adapters disagree on fan_in_fan_out (Conv1D vs Linear layers): they are not "
+            "adapters of one architecture"
+        )
+    base_ref = plan.recipe.base_model or adapters[0].base_model_name_or_path
+    write_adapter(
+        directory,
+        merged,
+        base_model_name_or_path=base_ref,
+        extra_config={"fan_in_fan_out": fan_in_fan_out.pop()},
+    )
+    (directory / RECIPE_FILE).write_text(plan.recipe.to_yaml())
+    (directory / "README.md").write_text(_model_card(plan))
+    return len(names), total * 4
+
+
+def merge(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    overwrite: bool = False,
+    allow_download: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    progress: bool = False,
+) -> MergeResult:
+    """Merge the models a recipe names and write a Hugging Face checkpoint (or adapter) to ``out``.
+
+    ``recipe`` is a path to a YAML file, a YAML string, a dict, or a parsed :class:`Recipe`.
+    The whole recipe and every input's metadata are validated before any tensor is read, and
+    ``out`` appears only once complete.
+    """
+    started = time.perf_counter()
+    parsed = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("--device cuda was asked for, but torch sees no CUDA GPU here")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    plan, opener = plan_merge(parsed, allow_download=allow_download)
+    try:
+        with atomic_directory(out, overwrite=overwrite) as directory:
+            if plan.method.output == "adapter":
+                count, nbytes = _merge_adapters(plan, directory)
+            else:
+                count, nbytes = len(plan.tasks), plan.total_bytes
+                layout = [(task.name, task.shape, task.out_dtype) for task in plan.tasks]
+                writer = StreamingShardWriter(
+                    directory,
+                    layout,
+                    max_shard_bytes=max_shard_bytes,
+                    metadata={"format": "pt", "merged_with": "mergearena"},
+                )
+                with _progress(progress, count, nbytes, plan.method.name) as advance:
+                    _stream(plan, torch_device, writer, advance)
+                writer.close()
+                _write_support_files(plan, opener, directory)
+    finally:
+        opener.close()
+    return MergeResult(out, count, nbytes, time.perf_counter() - started)
+
+
+class _progress:
+    """A rich progress bar with tensors/s and bytes/s, or nothing."""
+
+    def __init__(self, enabled: bool, tensors: int, nbytes: int, label: str) -> None:
+        self.enabled, self.tensors, self.nbytes, self.label = enabled, tensors, nbytes, label
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda _nbytes: None
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[done]}/{task.fields[tensors]} tensors"),
+            TextColumn("{task.fields[rate]:.1f} tensors/s"),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+        )
+        self.bar.__enter__()
+        started = time.perf_counter()
+        task = self.bar.add_task(
+            f"merging ({self.label})", total=self.nbytes, done=0, tensors=self.tensors, rate=0.0
+        )
+        done = 0
+
+        def advance(nbytes: int) -> None:
+            nonlocal done
+            done += 1
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            self.bar.update(task, advance=nbytes, done=done, rate=rate)
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+def iter_output_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the tensors of a written checkpoint one at a time (for checks and tests)."""
+    checkpoint = Checkpoint.open(Path(directory))
+    try:
+        for name in checkpoint.tensors:
+            yield name, checkpoint.get(name)
+    finally:
+        checkpoint.close()
+
+
+def recipe_of(directory: str | Path) -> dict[str, Any]:
+    """The recipe stored beside a merged checkpoint."""
+    return yaml.safe_load((Path(directory) / RECIPE_FILE).read_text())

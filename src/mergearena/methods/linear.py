@@ -1,0 +1,64 @@
+"""Weighted averages of whole weights: ``linear`` (model soups) and ``passthrough``.
+
+Also home of ``per_model``, the helper every family uses to read a per-model parameter that a
+direct Python call may give as one number for all models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mergearena.methods.registry import merge_method
+
+
+def per_model(value: float | Sequence[float], count: int, name: str) -> list[float]:
+    """``value`` as one float per model: a scalar (a signature default) applies to every model."""
+    if isinstance(value, int | float):
+        return [float(value)] * count
+    values = [float(v) for v in value]
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} values but there are {count} models")
+    return values
+
+
+def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``Σ wᵢ tᵢ`` accumulated in float32 on the inputs' device (the inputs are not modified)."""
+    total = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+    for tensor, weight in zip(tensors, weights, strict=True):
+        total.add_(tensor, alpha=weight)
+    return total
+
+
+@merge_method("linear", reference="https://arxiv.org/abs/2203.05482")
+def linear(tensors: list[Tensor], *, weight: list[float], normalize: bool = True) -> Tensor:
+    """Weighted average of the models' weights (model soup).
+
+    ``θ = Σ wᵢ θᵢ / Σ wᵢ`` with ``normalize`` (the default), else ``Σ wᵢ θᵢ``.
+    Wortsman et al., "Model soups", ICML 2022 (arXiv:2203.05482).
+    Same as mergekit's ``linear``, except that weights summing to zero with ``normalize`` are an
+    error here rather than a tensor of inf/NaN.
+    """
+    weights = per_model(weight, len(tensors), "weight")
+    if normalize:
+        weight_sum = sum(weights)
+        if weight_sum == 0:
+            raise ValueError("linear: the weights sum to zero; change them or set normalize: false")
+        # dividing the weights rather than the sum keeps one model (any weight) exactly as it is
+        weights = [w / weight_sum for w in weights]
+    return weighted_sum(tensors, weights)
+
+
+@merge_method(
+    "passthrough", reference="https://github.com/arcee-ai/mergekit", min_models=1, max_models=1
+)
+def passthrough(tensors: list[Tensor], *, scale: list[float] = 1.0) -> Tensor:
+    """Copy one model's tensor unchanged, optionally multiplied by a scale factor.
+
+    ``θ = scale · θ₁``; used for layer stacking ("frankenmerges") and to copy tensors as they are.
+    Same as mergekit's ``passthrough`` (whose ``scale`` defaults to none, i.e. 1).
+    """
+    (factor,) = per_model(scale, 1, "scale")
+    return tensors[0] if factor == 1 else tensors[0].float() * factor
