@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Prepare .venv with mergearena and its dependencies. Idempotent; never downloads models.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    # Install torch first and explicitly, so no other requirement makes the resolver pull the
+    # multi-GB CUDA build. Without a GPU we want the CPU build: these machines have a local CPU
+    # wheel for 2.13.0; elsewhere point PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index or set
+    # TORCH_SPEC to what your platform needs.
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        .venv/bin/pip install --quiet "${TORCH_SPEC:-torch}"
+    else
+        .venv/bin/pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+    fi
+fi
+.venv/bin/pip install --quiet -e ".[test]"
