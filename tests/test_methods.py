@@ -683,3 +683,15 @@ def test_bfloat16_inputs_are_merged_in_float32():
     ):
         assert low_result.dtype == torch.float32
         assert torch.allclose(low_result, result, atol=1e-5)
+
+
+def test_dare_keep_rate_matches_density_including_extremes():
+    from mergearena.methods.task_arithmetic import bernoulli_mask
+
+    delta = torch.ones(400_000)
+    generator = torch.Generator().manual_seed(0)
+    for density in (0.1, 0.5, 0.9):
+        kept = bernoulli_mask(delta, density, generator).float().mean().item()
+        assert abs(kept - density) < 0.005
+    assert bernoulli_mask(delta, 1.0 - 1e-7, generator).all()
+    assert not bernoulli_mask(delta, 1e-7, generator).any()

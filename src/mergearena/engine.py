@@ -349,7 +349,10 @@ class _Executor:
             arguments["base"] = base
         if method.random:
             arguments["generator"] = _generator(self.plan.recipe.seed, task.name, self.device)
-        result = method.function(inputs, **arguments)
+        try:
+            result = method.function(inputs, **arguments)
+        except ValueError as error:  # a parameter value the method cannot use for this tensor
+            raise RecipeError(f"{method.name} cannot merge tensor {task.name}: {error}") from None
         if tuple(result.shape) != task.shape:
             raise RuntimeError(
                 f"{method.name} returned shape {tuple(result.shape)} for {task.name}, "

@@ -267,12 +267,34 @@ def bernoulli_mask(
     Models are Super Mario", ICML 2024 (arXiv:2311.03099).
     """
     device = generator.device if generator is not None else delta.device
+    if not isinstance(keep_probability, Tensor):
+        return _bernoulli_bits(delta, float(keep_probability), generator, device)
     uniform = _buffer(delta, scratch)
     if uniform.device == device:
         torch.rand(delta.shape, generator=generator, out=uniform)
     else:
         uniform.copy_(torch.rand(delta.shape, generator=generator, device=device))
     return uniform.lt_(keep_probability)
+
+
+def _bernoulli_bits(
+    delta: Tensor, keep_probability: float, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """A bool mask like ``δ``, each entry True with probability ``p`` rounded to a multiple of 2⁻¹⁶.
+
+    Every 64-bit random word gives four 16-bit uniforms, and ``u < p`` is an int16 comparison:
+    about 5× faster than drawing a float per entry (random draws dominate DARE's cost on a CPU).
+    """
+    units = round(keep_probability * 65536)
+    if units >= 65536:
+        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
+    if units <= 0:
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    count = delta.numel()
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), 2**63 - 1, generator=generator)
+    lanes = words.view(torch.int16)[:count].view(delta.shape)
+    return lanes.lt(units - 32768).to(delta.device)
 
 
 def della_keep_probabilities(
