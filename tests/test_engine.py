@@ -391,9 +391,13 @@ def test_cuda_merge_equals_cpu_merge(make_checkpoint, tmp_path, method):
 
 def test_a_method_refusing_its_parameters_names_the_tensor_and_writes_nothing(trio, tmp_path):
     base, a, b = trio
-    recipe = {"merge_method": "linear", "models": [
-        {"model": str(a), "parameters": {"weight": 1.0}},
-        {"model": str(b), "parameters": {"weight": -1.0}}]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(a), "parameters": {"weight": 1.0}},
+            {"model": str(b), "parameters": {"weight": -1.0}},
+        ],
+    }
     with pytest.raises(RecipeError, match="linear cannot merge tensor .*sum to zero"):
         merge(recipe, tmp_path / "out")
     assert_nothing_written(tmp_path)
