@@ -149,3 +149,8 @@ def test_layer_stacking_slices_are_refused_clearly():
                 ],
             }
         )
+
+
+def test_mergekit_options_we_do_not_implement_are_named_not_called_unknown():
+    with pytest.raises(RecipeError, match="mergekit's 'chat_template' option is not supported"):
+        parse_recipe(ties_recipe(chat_template="chatml"))

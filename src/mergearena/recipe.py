@@ -43,6 +43,13 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 
+# mergekit recipe keys we recognise but do not implement, with what to do instead.
+UNSUPPORTED_MERGEKIT_KEYS = {
+    "chat_template": "the tokenizer's own chat template is copied",
+    "tokenizer": "tokenizer_source: base, or a model reference, is supported",
+    "modules": "merge each module with its own recipe",
+}
+
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -133,7 +140,13 @@ def _describe_pydantic_error(error: ValidationError, source: str) -> str:
             }
             parent = item["loc"][0] if len(item["loc"]) > 1 else ()
             candidates = known.get(parent, list(SliceSource.model_fields))
-            lines.append(f"unknown key {location!r}.{_closest(key, candidates)}")
+            if parent == () and key in UNSUPPORTED_MERGEKIT_KEYS:
+                lines.append(
+                    f"mergekit's {key!r} option is not supported by mergearena yet; remove it "
+                    f"({UNSUPPORTED_MERGEKIT_KEYS[key]})"
+                )
+            else:
+                lines.append(f"unknown key {location!r}.{_closest(key, candidates)}")
         elif item["type"] == "missing":
             lines.append(f"missing required key {location!r}")
         else:
