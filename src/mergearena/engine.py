@@ -11,6 +11,7 @@ that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import math
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from mergearena.checkpoints import (
     Checkpoint,
@@ -37,7 +37,6 @@ from mergearena.methods import LoraFactors, MethodSpec
 from mergearena.recipe import Recipe, evaluate_setting, parse_recipe
 
 RECIPE_FILE = "mergearena_recipe.yaml"
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass
@@ -104,10 +103,7 @@ class MergeResult:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 class _Opener:
@@ -117,8 +113,11 @@ class _Opener:
         self.allow_download = allow_download
         self.checkpoints: dict[Path, Checkpoint] = {}
 
-    def checkpoint(self, ref: str) -> Checkpoint:
-        path = resolve_model_ref(ref, allow_download=self.allow_download).resolve()
+    def resolve(self, ref: str) -> Path:
+        return resolve_model_ref(ref, allow_download=self.allow_download).resolve()
+
+    def checkpoint(self, ref: str, path: Path | None = None) -> Checkpoint:
+        path = path or self.resolve(ref)
         if path not in self.checkpoints:
             if is_adapter_dir(path):
                 raise RecipeError(
@@ -130,11 +129,9 @@ class _Opener:
     def source(self, ref: str, base_ref: str | None) -> Source:
         model_ref, plus, adapter_ref = ref.partition("+")
         if plus and not Path(ref).exists():  # mergekit's "model+adapter" syntax
-            adapter = LoraAdapter.open(
-                resolve_model_ref(adapter_ref, allow_download=self.allow_download)
-            )
+            adapter = LoraAdapter.open(self.resolve(adapter_ref))
             return Source(ref, self.checkpoint(model_ref), adapter)
-        path = resolve_model_ref(ref, allow_download=self.allow_download)
+        path = self.resolve(ref)
         if is_adapter_dir(path):
             adapter = LoraAdapter.open(path)
             adapter_base = base_ref or adapter.base_model_name_or_path
@@ -144,7 +141,7 @@ class _Opener:
                     f"recipe (or write it as 'BASE+{ref}')"
                 )
             return Source(ref, self.checkpoint(adapter_base), adapter)
-        return Source(ref, self.checkpoint(ref))
+        return Source(ref, self.checkpoint(ref, path))
 
     def close(self) -> None:
         for checkpoint in self.checkpoints.values():
@@ -257,7 +254,7 @@ def plan_merge(recipe: Recipe, *, allow_download: bool = False) -> tuple[MergePl
             )
         inputs = [opener.source(entry.model, recipe.base_model) for entry in recipe.inputs()]
         reference = base or inputs[0]
-        _check_compatible(reference, [s for s in [*inputs] if s is not reference])
+        _check_compatible(reference, [s for s in inputs if s is not reference])
         plan = MergePlan(recipe, method, base, inputs, reference)
         if method.output == "adapter":
             return plan, opener
@@ -441,9 +438,10 @@ def _write_support_files(plan: MergePlan, opener: _Opener, directory: Path) -> N
     out_dtype = plan.recipe.output_dtype()
     if config_path.exists() and out_dtype is not None:
         config = json.loads(config_path.read_text())
-        for key in ("torch_dtype", "dtype"):
-            if key in config or key == "torch_dtype":
-                config[key] = DTYPE_NAMES[out_dtype]
+        name = str(out_dtype).removeprefix("torch.")
+        config["torch_dtype"] = name
+        if "dtype" in config:  # transformers 5 writes "dtype"
+            config["dtype"] = name
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     (directory / "README.md").write_text(_model_card(plan))
     (directory / RECIPE_FILE).write_text(plan.recipe.to_yaml())
@@ -590,8 +588,3 @@ def iter_output_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tens
             yield name, checkpoint.get(name)
     finally:
         checkpoint.close()
-
-
-def recipe_of(directory: str | Path) -> dict[str, Any]:
-    """The recipe stored beside a merged checkpoint."""
-    return yaml.safe_load((Path(directory) / RECIPE_FILE).read_text())
