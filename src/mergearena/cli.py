@@ -119,6 +119,234 @@ def merge(
     )
 
 
+TasksOption = Annotated[
+    list[Path],
+    typer.Option(
+        "--tasks",
+        "-t",
+        help="Task CSV files (id,input,target,answer_choices,eval_type): --tasks a.csv b.csv.",
+    ),
+]
+
+
+def _evaluation_options(
+    batch_size: str, mc_rule: str | None, limit: int | None
+) -> tuple[int | str, str | None]:
+    from mergearena.evaluation.tasks import MC_RULES
+
+    if mc_rule is not None and mc_rule not in MC_RULES:
+        raise MergeArenaError(f"--mc-rule {mc_rule!r} is not one of {', '.join(MC_RULES)}")
+    if limit is not None and limit < 1:
+        raise MergeArenaError(f"--limit must be at least 1, got {limit}")
+    if batch_size == "auto":
+        return "auto", mc_rule
+    try:
+        size = int(batch_size)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise MergeArenaError(f"--batch-size {batch_size!r}: use a positive integer or auto")
+    return size, mc_rule
+
+
+def _evaluate_and_write(
+    model: str,
+    adapter: Path | None,
+    tasks: list[Path],
+    out: Path,
+    *,
+    batch_size: str,
+    device: str,
+    dtype: str,
+    mc_rule: str | None,
+    chat_template: bool | None,
+    limit: int | None,
+    force: bool,
+    allow_download: bool,
+    quiet: bool,
+    **about: object,
+) -> dict:
+    from mergearena.evaluation import LanguageModel, evaluate, load_task, write_outputs
+
+    size, rule = _evaluation_options(batch_size, mc_rule, limit)
+    loaded = [load_task(path, limit=limit) for path in tasks]  # every file checked before loading
+    if out.exists() and not force:
+        raise MergeArenaError(f"{out}: output already exists; choose another or pass --force")
+    lm = LanguageModel.load(
+        model, adapter=adapter, device=device, dtype=dtype, allow_download=allow_download
+    )
+    results = evaluate(
+        lm,
+        loaded,
+        mc_rule=rule,
+        batch_size=size,
+        chat_template=chat_template,
+        progress=not quiet and console.is_terminal,
+    )
+    document = write_outputs(
+        results,
+        out,
+        overwrite=force,
+        model=model,
+        adapter=str(adapter) if adapter else None,
+        device=device,
+        dtype=dtype,
+        **about,
+    )
+    table = Table(title=f"scores of {model}" + (f" + {adapter}" if adapter else ""))
+    for column in ("task", "n", "metric", "score", "examples/s"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for name, entry in document["tasks"].items():
+        scored = entry["scored"]
+        table.add_row(
+            name,
+            str(entry["n"]),
+            entry["main_metric"] if scored else "(no targets)",
+            f"{entry['main']:.4f}" if scored else "-",
+            f"{entry['examples_per_second']:.2f}",
+        )
+    if document["average"] is not None:
+        table.add_row("[bold]average[/]", "", "", f"[bold]{document['average']:.4f}[/]", "")
+    console.print(table)
+    console.print(f"[green]wrote[/] {out}/scores.json, predictions/, samples.jsonl")
+    return document
+
+
+BatchSizeOption = Annotated[
+    str, typer.Option(help="Examples per batch: a number, or auto (largest that fits).")
+]
+McRuleOption = Annotated[
+    str | None,
+    typer.Option(help="Multiple-choice rule: loglik (default) or starter-kit. Overrides sidecars."),
+]
+ChatOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--chat-template/--no-chat-template",
+        help="Wrap prompts in the model's chat template (default: as each task's sidecar says).",
+    ),
+]
+
+
+@app.command(name="eval")
+def eval_command(
+    model: Annotated[str, typer.Option(help="Model: a directory, zoo:NAME or a cached hub id.")],
+    tasks: TasksOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    adapter: Annotated[Path | None, typer.Option(help="A PEFT LoRA adapter to apply.")] = None,
+    batch_size: BatchSizeOption = "auto",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    mc_rule: McRuleOption = None,
+    chat_template: ChatOption = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N rows of each task.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_download: Annotated[
+        bool, typer.Option(help="Download a hub model missing from the local cache.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Score a model on task files; write scores.json, predictions/ and samples.jsonl to OUT."""
+    try:
+        _evaluate_and_write(
+            model,
+            adapter,
+            tasks,
+            out,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            mc_rule=mc_rule,
+            chat_template=chat_template,
+            limit=limit,
+            force=force,
+            allow_download=allow_download,
+            quiet=quiet,
+        )
+    except MergeArenaError as error:
+        raise _fail(error) from None
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="The YAML merge recipe.")],
+    tasks: TasksOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    batch_size: BatchSizeOption = "auto",
+    device: Annotated[
+        str, typer.Option(help="cpu or cuda, for the merge and the evaluation.")
+    ] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Evaluation dtype.")] = "float32",
+    mc_rule: McRuleOption = None,
+    chat_template: ChatOption = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N rows of each task.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_download: Annotated[
+        bool, typer.Option(help="Download hub models missing from the local cache.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Merge a recipe, then evaluate the result: OUT/model holds the merge, OUT/eval the scores."""
+    from mergearena.engine import merge as run_merge
+    from mergearena.evaluation import load_task
+    from mergearena.recipe import parse_recipe
+
+    try:
+        size, rule = _evaluation_options(batch_size, mc_rule, limit)
+        parsed = parse_recipe(recipe)
+        for path in tasks:  # fail on a bad task file before the merge, not after it
+            load_task(path, limit=limit)
+        if out.exists() and not force:
+            raise MergeArenaError(f"{out}: output already exists; choose another or pass --force")
+        if parsed.method.name in ("lora_concat", "lora_svd"):
+            raise MergeArenaError(
+                f"{recipe}: {parsed.method.name} writes an adapter; run `mergearena merge` and "
+                "then `mergearena eval --model BASE --adapter OUT`"
+            )
+        from mergearena.checkpoints.writer import atomic_directory
+
+        with atomic_directory(out, overwrite=force) as directory:
+            result = run_merge(
+                parsed,
+                directory / "model",
+                device=device,
+                allow_download=allow_download,
+                progress=not quiet and console.is_terminal,
+            )
+            console.print(
+                f"[green]merged[/] {parsed.method.name} → {out}/model in {result.seconds:.1f} s"
+            )
+            document = _evaluate_and_write(
+                str(directory / "model"),
+                None,
+                tasks,
+                directory / "eval",
+                batch_size=str(size),
+                device=device,
+                dtype=dtype,
+                mc_rule=rule,
+                chat_template=chat_template,
+                limit=limit,
+                force=False,
+                allow_download=False,
+                quiet=quiet,
+                recipe=str(recipe),
+            )
+    except MergeArenaError as error:
+        raise _fail(error) from None
+    average = document["average"]
+    console.print(
+        f"[bold]leaderboard row[/]: {recipe.name}  average "
+        + (f"{average:.4f}" if average is not None else "-  (no scored task)")
+        + "  "
+        + "  ".join(
+            f"{name}={entry['main']:.4f}"
+            for name, entry in document["tasks"].items()
+            if entry["scored"]
+        )
+    )
+
+
 @app.command()
 def demo(
     workdir: Annotated[
@@ -159,5 +387,39 @@ def _parse_size(text: str) -> int:
     return size
 
 
+def _spread_list_options(
+    argv: list[str], options: tuple[str, ...] = ("--tasks", "-t")
+) -> list[str]:
+    """Let ``--tasks a.csv b.csv`` mean ``--tasks a.csv --tasks b.csv`` (click takes one each).
+
+    Values run until the next token that starts with "-", so positional arguments go first.
+    """
+    result: list[str] = []
+    pending: str | None = None  # the list option whose values are being read
+    got_value = False
+    for token in argv:
+        if token in options or (pending is not None and token.startswith("-")):
+            if pending is not None and not got_value:
+                result.append(pending)  # a bare --tasks: click reports the missing value
+            pending = token if token in options else None
+            got_value = False
+            if pending is None:
+                result.append(token)
+        elif pending is not None:
+            result += [pending, token]
+            got_value = True
+        else:
+            result.append(token)
+    if pending is not None and not got_value:
+        result.append(pending)
+    return result
+
+
+def main() -> None:
+    import sys
+
+    app(args=_spread_list_options(sys.argv[1:]), prog_name="mergearena")
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -18,3 +18,11 @@ class CheckpointError(MergeArenaError):
 
 class ShapeMismatchError(CheckpointError):
     """Inputs disagree on a tensor's presence or shape."""
+
+
+class TaskError(MergeArenaError):
+    """A task file (or its sidecar) is malformed: the message names the file, row id and problem."""
+
+
+class EvaluationError(MergeArenaError):
+    """A model cannot be evaluated as asked (an undefined scoring rule, a missing tokenizer...)."""

@@ -1,0 +1,51 @@
+"""Evaluation on the competition's CSV task format: multiple choice and generation.
+
+Python API::
+
+    from mergearena.evaluation import LanguageModel, load_task, evaluate, write_outputs
+    lm = LanguageModel.load("out/merged", device="cpu", dtype="float32")
+    results = evaluate(lm, [load_task("cosmos_qa.csv")], mc_rule="loglik", batch_size="auto")
+    write_outputs(results, "eval/")        # scores.json, predictions/, samples.jsonl
+
+``LanguageModel.from_state_dict(base, state_dict)`` scores weights held in memory (a merge
+candidate in a search loop) without writing them to disk.
+"""
+
+from mergearena.evaluation.model import LanguageModel
+from mergearena.evaluation.runner import (
+    ExampleResult,
+    TaskResult,
+    average,
+    evaluate,
+    evaluate_task,
+    scores_document,
+    write_outputs,
+)
+from mergearena.evaluation.scoring import (
+    ChoiceScores,
+    encode_choices,
+    encode_prompts,
+    generate,
+    score_choices,
+)
+from mergearena.evaluation.tasks import Example, Task, TaskSettings, load_task
+
+__all__ = [
+    "ChoiceScores",
+    "Example",
+    "ExampleResult",
+    "LanguageModel",
+    "Task",
+    "TaskResult",
+    "TaskSettings",
+    "average",
+    "encode_choices",
+    "encode_prompts",
+    "evaluate",
+    "evaluate_task",
+    "generate",
+    "load_task",
+    "score_choices",
+    "scores_document",
+    "write_outputs",
+]

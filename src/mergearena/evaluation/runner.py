@@ -1,0 +1,350 @@
+"""Evaluate a model on tasks and write scores, predictions, a per-sample log and a submission."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergearena.errors import EvaluationError, TaskError
+from mergearena.evaluation import scoring
+from mergearena.evaluation.metrics import generation_metrics
+from mergearena.evaluation.model import LanguageModel
+from mergearena.evaluation.tasks import GENERATION, MC_RULES, MULTIPLE_CHOICE, Example, Task
+
+AUTO_START = {"cpu": 16, "cuda": 64}
+
+
+@dataclass
+class ExampleResult:
+    example: Example
+    prompt: str
+    prediction: int | str
+    scores: tuple[float, ...] | None = None  # multiple choice: each choice's log-probability
+    metrics: dict[str, float] = field(default_factory=dict)  # empty without a target
+
+    @property
+    def prediction_text(self) -> str:
+        return str(self.prediction)
+
+
+@dataclass
+class TaskResult:
+    task: Task
+    examples: list[ExampleResult]
+    mc_rule: str
+    seconds: float
+    batch_size: int
+
+    @property
+    def scored(self) -> bool:
+        return self.task.has_targets
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        if not self.scored:
+            return {}
+        keys = sorted({k for r in self.examples for k in r.metrics})
+        return {
+            k: statistics.fmean(r.metrics[k] for r in self.examples if k in r.metrics) for k in keys
+        }
+
+    @property
+    def main_value(self) -> float | None:
+        """The mean over examples of each one's main metric (accuracy for multiple choice)."""
+        if not self.scored:
+            return None
+        generation_metric = self.task.main_metric
+        return statistics.fmean(
+            r.metrics["accuracy"]
+            if r.example.eval_type == MULTIPLE_CHOICE
+            else r.metrics[generation_metric]
+            for r in self.examples
+        )
+
+    def summary(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"n": len(self.examples), "scored": self.scored}
+        if self.scored:
+            entry.update(
+                main_metric=self.task.main_metric, main=self.main_value, metrics=self.metrics
+            )
+        if any(r.example.eval_type == MULTIPLE_CHOICE for r in self.examples):
+            entry["mc_rule"] = self.mc_rule
+        entry.update(
+            seconds=round(self.seconds, 3),
+            examples_per_second=round(len(self.examples) / max(self.seconds, 1e-9), 3),
+            batch_size=self.batch_size,
+        )
+        return entry
+
+
+def average(results: Sequence[TaskResult]) -> float | None:
+    values = [r.main_value for r in results if r.scored]
+    return statistics.fmean(values) if values else None  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------- prompts
+
+
+def render_prompt(lm: LanguageModel, task: Task, example: Example, chat: bool) -> str:
+    """The text the model sees: few-shot examples, the template, and the chat template if asked."""
+    settings = task.settings
+    if chat:
+        if not getattr(lm.tokenizer, "chat_template", None):
+            raise EvaluationError(
+                f"task {task.name}: a chat template was asked for, but {lm.name}'s tokenizer has "
+                "none; drop --chat-template (or chat_template in the sidecar)"
+            )
+        messages: list[dict[str, str]] = []
+        for shot in settings.fewshot:
+            messages.append(
+                {"role": "user", "content": task.render(Example("", shot.input, GENERATION))}
+            )
+            messages.append({"role": "assistant", "content": shot.output})
+        messages.append({"role": "user", "content": task.render(example)})
+        return lm.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    shots = "".join(
+        task.render(Example("", s.input, GENERATION)) + s.output + "\n\n" for s in settings.fewshot
+    )
+    return shots + task.render(example)
+
+
+# ---------------------------------------------------------------------------------------- running
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _with_batch_size(
+    lm: LanguageModel, batch_size: int | str, run: Callable[[int], Any], n: int
+) -> tuple[Any, int]:
+    """Run with a batch size; with "auto", halve from a device-based start until it fits."""
+    if batch_size != "auto":
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise EvaluationError(
+                f"batch size must be a positive integer or 'auto', got {batch_size!r}"
+            )
+        return run(batch_size), batch_size
+    size = max(1, min(AUTO_START.get(lm.device.type, 16), n))
+    while True:
+        try:
+            return run(size), size
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not _is_oom(error) or size == 1:
+                raise
+            size //= 2
+            if lm.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def evaluate_task(
+    lm: LanguageModel,
+    task: Task,
+    *,
+    mc_rule: str | None = None,
+    batch_size: int | str = "auto",
+    chat_template: bool | None = None,
+    progress: scoring.Progress | None = None,
+) -> TaskResult:
+    """Score one task. ``mc_rule`` and ``chat_template`` override the task's sidecar when given."""
+    rule = mc_rule or task.settings.mc_rule or "loglik"
+    if rule not in MC_RULES:
+        raise EvaluationError(f"--mc-rule {rule!r} is not one of {', '.join(MC_RULES)}")
+    chat = task.settings.chat_template if chat_template is None else chat_template
+    started = time.perf_counter()
+    prompts = [render_prompt(lm, task, e, chat) for e in task.examples]
+    # A chat template writes its own special tokens; plain prompts get the tokenizer's (BOS).
+    encoded = scoring.encode_prompts(lm, prompts, special_tokens=not chat)
+    mc = [k for k, e in enumerate(task.examples) if e.eval_type == MULTIPLE_CHOICE]
+    gen = [k for k, e in enumerate(task.examples) if e.eval_type == GENERATION]
+    results: dict[int, ExampleResult] = {}
+    used = 0
+    if mc:
+        choices = scoring.encode_choices(
+            lm, [task.examples[k].choices for k in mc], rule, [task.examples[k].id for k in mc]
+        )
+        scored, used = _with_batch_size(
+            lm,
+            batch_size,
+            lambda size: scoring.score_choices(
+                lm, [encoded[k] for k in mc], choices, rule=rule, batch_size=size, progress=progress
+            ),
+            len(mc),
+        )
+        for k, score in zip(mc, scored, strict=True):
+            example = task.examples[k]
+            metrics = {}
+            if example.target is not None:
+                # lm-eval's acc_norm: log-probability per character of the choice.
+                normed = [s / len(c) for s, c in zip(score.scores, example.choices, strict=True)]
+                metrics = {
+                    "accuracy": float(score.prediction == example.target),
+                    "accuracy_norm": float(normed.index(max(normed)) == example.target),
+                }
+            results[k] = ExampleResult(example, prompts[k], score.prediction, score.scores, metrics)
+    if gen:
+        texts, used_gen = _with_batch_size(
+            lm,
+            batch_size,
+            lambda size: scoring.generate(
+                lm,
+                [encoded[k] for k in gen],
+                max_new_tokens=task.settings.max_new_tokens,
+                batch_size=size,
+                progress=progress,
+            ),
+            len(gen),
+        )
+        used = used or used_gen
+        for k, text in zip(gen, texts, strict=True):
+            example = task.examples[k]
+            metrics = (
+                {} if example.target is None else generation_metrics(text, str(example.target))
+            )
+            results[k] = ExampleResult(example, prompts[k], text, None, metrics)
+    ordered = [results[k] for k in range(len(task.examples))]
+    return TaskResult(task, ordered, rule, time.perf_counter() - started, used)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[str], scoring.Progress]]:
+    """Yield ``start(label) -> advance(n)``; a rich bar with examples/s, or nothing."""
+    if not enabled:
+        yield lambda _label: lambda _n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.2f} examples/s"),
+        TimeElapsedColumn(),
+    )
+    with bar:
+
+        def start(label: str) -> scoring.Progress:
+            task_id = bar.add_task(label, total=total, rate=0.0)
+            started = time.perf_counter()
+            done = 0
+
+            def advance(n: int) -> None:
+                nonlocal done
+                done += n
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                bar.update(task_id, advance=n, rate=rate)
+
+            return advance
+
+        yield start
+
+
+def evaluate(
+    lm: LanguageModel,
+    tasks: Sequence[Task],
+    *,
+    mc_rule: str | None = None,
+    batch_size: int | str = "auto",
+    chat_template: bool | None = None,
+    progress: bool = False,
+) -> list[TaskResult]:
+    """Evaluate ``lm`` on each task in turn (see ``evaluate_task``)."""
+    names = [t.name for t in tasks]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise TaskError(
+            f"several task files are named {', '.join(duplicates)}; task names must differ"
+        )
+    results = []
+    for task in tasks:
+        with _progress_bar(progress, len(task.examples)) as start:
+            results.append(
+                evaluate_task(
+                    lm,
+                    task,
+                    mc_rule=mc_rule,
+                    batch_size=batch_size,
+                    chat_template=chat_template,
+                    progress=start(task.name),
+                )
+            )
+    return results
+
+
+# ---------------------------------------------------------------------------------------- outputs
+
+
+def scores_document(results: Sequence[TaskResult], **about: Any) -> dict[str, Any]:
+    return {
+        "average": average(results),
+        "tasks": {r.task.name: r.summary() for r in results},
+        **about,
+    }
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_outputs(
+    results: Sequence[TaskResult], out: str | Path, *, overwrite: bool = False, **about: Any
+) -> dict[str, Any]:
+    """Write scores.json, predictions/<task>.csv, samples.jsonl and, for target-less tasks,
+    submission.csv (the competition's ``id,prediction,dummy_field`` format). All files appear
+    together: they are written to a temporary directory moved into place when complete."""
+    from mergearena.checkpoints.writer import atomic_directory
+
+    unscored = [r for r in results if not r.scored]
+    ids = [e.example.id for r in unscored for e in r.examples]
+    if len(set(ids)) != len(ids):
+        raise TaskError(
+            "the target-less tasks share example ids, so one submission.csv cannot hold them; "
+            "evaluate them in separate runs"
+        )
+    document = scores_document(results, **about)
+    with atomic_directory(out, overwrite=overwrite) as directory:
+        (directory / "scores.json").write_text(json.dumps(document, indent=2) + "\n")
+        predictions = directory / "predictions"
+        predictions.mkdir()
+        for result in results:
+            _write_csv(
+                predictions / f"{result.task.name}.csv",
+                ("id", "prediction"),
+                [(r.example.id, r.prediction_text) for r in result.examples],
+            )
+        with (directory / "samples.jsonl").open("w", encoding="utf-8") as log:
+            for result in results:
+                for r in result.examples:
+                    record = {
+                        "task": result.task.name,
+                        "id": r.example.id,
+                        "eval_type": r.example.eval_type,
+                        "input": r.prompt,
+                        "choices": list(r.example.choices) or None,
+                        "scores": list(r.scores) if r.scores is not None else None,
+                        "prediction": r.prediction,
+                        "target": r.example.target,
+                        "metrics": r.metrics or None,
+                    }
+                    log.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if unscored:
+            _write_csv(
+                directory / "submission.csv",
+                ("id", "prediction", "dummy_field"),
+                [(e.example.id, e.prediction_text, 0) for r in unscored for e in r.examples],
+            )
+    return document

@@ -1,0 +1,268 @@
+"""Batched multiple-choice scoring and greedy generation.
+
+Multiple choice, decoder models: the prompts of a batch are encoded once (left padding, explicit
+positions so padding changes nothing) and their KV cache is shared by every choice of the example.
+The prompt pass computes the LM head on the last position only; the choice pass feeds each choice
+without its last token (whose logits no rule needs) and computes the LM head on real tokens only.
+
+Two rules decide which tokens count (see ``MC_RULES``):
+
+- ``loglik``: every token of the choice, tokenized on its own without special tokens, given the
+  prompt: log P(c0 | prompt) + log P(c1 | prompt, c0) + ...
+- ``starter-kit``: the competition starter kit's rule. The choice is tokenized by a copy of the
+  tokenizer with BOS off and EOS on (Llama-style tokenizers append EOS, GPT-2-style ones append
+  nothing) and its tokens 2..n are scored: the first choice token is never scored.
+
+Seq2seq models score the whole choice (as the tokenizer encodes it) as decoder labels, under both
+rules, as the starter kit does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mergearena.errors import EvaluationError
+from mergearena.evaluation.model import LanguageModel, _quiet_transformers
+from mergearena.evaluation.tasks import MC_RULES
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ChoiceScores:
+    scores: tuple[float, ...]  # summed log-probability of each choice's scored tokens
+    scored_tokens: tuple[int, ...]  # how many tokens each score sums
+
+    @property
+    def prediction(self) -> int:
+        """The first choice with the highest score (as torch.max picks)."""
+        best = max(self.scores)
+        return self.scores.index(best)
+
+
+def _supports_logits_to_keep(model: object) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def encode_prompts(
+    lm: LanguageModel, prompts: Sequence[str], *, special_tokens: bool = True
+) -> list[list[int]]:
+    """Token ids of each prompt, as the starter kit's input tokenizer makes them."""
+    encoded = lm.tokenizer(
+        list(prompts), add_special_tokens=special_tokens, truncation=True, padding=False
+    )["input_ids"]
+    return [list(ids) for ids in encoded]
+
+
+def encode_choices(
+    lm: LanguageModel, choices: Sequence[Sequence[str]], rule: str, ids: Sequence[str] | None = None
+) -> list[list[list[int]]]:
+    """Token ids of each example's choices under ``rule`` (see the module docstring)."""
+    flat = [choice for group in choices for choice in group]
+    if lm.is_seq2seq:
+        encoded = lm.tokenizer(flat, truncation=True, padding=False)["input_ids"]
+    elif rule in MC_RULES:
+        encoded = lm.tokenizer(flat, add_special_tokens=False, padding=False)["input_ids"]
+        if rule == "starter-kit" and lm.starter_kit_appends_eos:
+            encoded = [list(ids) + [lm.tokenizer.eos_token_id] for ids in encoded]
+    else:
+        raise EvaluationError(f"multiple-choice rule {rule!r} is not one of {', '.join(MC_RULES)}")
+    result, position = [], 0
+    for index, group in enumerate(choices):
+        token_lists = [list(t) for t in encoded[position : position + len(group)]]
+        position += len(group)
+        shortest = min(len(t) for t in token_lists)
+        name = f"example {ids[index]!r}" if ids is not None else f"example #{index}"
+        if shortest == 0:
+            raise EvaluationError(f"{name}: an answer choice encodes to no tokens")
+        if rule == "starter-kit" and not lm.is_seq2seq and shortest < 2:
+            raise EvaluationError(
+                f"{name}: under --mc-rule starter-kit a choice that is one token long scores "
+                "nothing, because the rule skips a choice's first token and this tokenizer appends "
+                "no EOS (the starter kit crashes here). Use --mc-rule loglik, or choices of "
+                "several tokens."
+            )
+        result.append(token_lists)
+    return result
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _decoder_batch(
+    lm: LanguageModel, prompts: list[list[int]], choices: list[list[list[int]]], rule: str
+) -> list[ChoiceScores]:
+    model, device = lm.model, lm.device
+    pad_id = lm.tokenizer.pad_token_id
+    keep_supported = _supports_logits_to_keep(model)
+    ids, mask = _pad(prompts, pad_id, left=True, device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if keep_supported else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    totals = [[0.0] * len(group) for group in choices]
+    if rule == "loglik":  # the first choice token, from the prompt's last position
+        first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+        for i, group in enumerate(choices):
+            for j, tokens in enumerate(group):
+                totals[i][j] += float(first[i, tokens[0]])
+
+    # One row per choice with at least one token to feed: the choice without its last token.
+    rows = [(i, j) for i, group in enumerate(choices) for j, t in enumerate(group) if len(t) > 1]
+    if rows:
+        owner = torch.tensor([i for i, _ in rows], device=device)
+        fed, fed_mask = _pad([choices[i][j][:-1] for i, j in rows], pad_id, False, device)
+        targets, _ = _pad([choices[i][j][1:] for i, j in rows], pad_id, False, device)
+        cache = out.past_key_values
+        cache.batch_select_indices(owner)
+        prompt_lengths = mask.sum(-1)[owner]
+        fed_positions = prompt_lengths[:, None] + torch.arange(fed.shape[1], device=device)
+        keep = fed_mask.bool()
+        extra = {"logits_to_keep": keep} if keep_supported else {}
+        choice_out = model(
+            input_ids=fed,
+            attention_mask=torch.cat([mask[owner], fed_mask], dim=1),
+            position_ids=fed_positions,
+            past_key_values=cache,
+            use_cache=True,
+            **extra,
+        )
+        logits = choice_out.logits
+        logits = logits.reshape(-1, logits.shape[-1]) if keep_supported else logits[keep]
+        logprobs = _token_logprobs(logits, targets[keep])
+        row_of = torch.arange(len(rows), device=device)[:, None].expand_as(keep)[keep]
+        sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
+        sums.index_add_(0, row_of, logprobs)
+        for (i, j), value in zip(rows, sums.cpu().tolist(), strict=True):
+            totals[i][j] += value
+    counted = 0 if rule == "loglik" else 1
+    return [
+        ChoiceScores(tuple(t), tuple(len(c) - counted for c in group))
+        for t, group in zip(totals, choices, strict=True)
+    ]
+
+
+def _seq2seq_batch(
+    lm: LanguageModel, prompts: list[list[int]], choices: list[list[list[int]]]
+) -> list[ChoiceScores]:
+    model, device = lm.model, lm.device
+    pad_id = lm.tokenizer.pad_token_id
+    ids, mask = _pad(prompts, pad_id, left=False, device=device)
+    encoded = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows = [(i, j) for i, group in enumerate(choices) for j in range(len(group))]
+    owner = torch.tensor([i for i, _ in rows], device=device)
+    labels, label_mask = _pad([choices[i][j] for i, j in rows], pad_id, False, device)
+    decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    out = model(
+        encoder_outputs=(encoded[owner],),
+        attention_mask=mask[owner],
+        decoder_input_ids=decoder_ids,
+        use_cache=False,
+    )
+    keep = label_mask.bool()
+    logprobs = _token_logprobs(out.logits[keep], labels[keep])
+    row_of = torch.arange(len(rows), device=device)[:, None].expand_as(keep)[keep]
+    sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    sums.index_add_(0, row_of, logprobs)
+    totals = [[0.0] * len(group) for group in choices]
+    for (i, j), value in zip(rows, sums.cpu().tolist(), strict=True):
+        totals[i][j] = value
+    return [
+        ChoiceScores(tuple(t), tuple(len(c) for c in group))
+        for t, group in zip(totals, choices, strict=True)
+    ]
+
+
+def _batches(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def score_choices(
+    lm: LanguageModel,
+    prompts: Sequence[Sequence[int]],
+    choices: Sequence[Sequence[Sequence[int]]],
+    *,
+    rule: str = "loglik",
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> list[ChoiceScores]:
+    """Score encoded choices after encoded prompts (see ``encode_prompts``/``encode_choices``).
+
+    Examples run longest first, so an out-of-memory error shows at the start.
+    """
+    if batch_size < 1:
+        raise EvaluationError(f"batch size must be at least 1, got {batch_size}")
+    cost = [len(p) + sum(len(c) for c in group) for p, group in zip(prompts, choices, strict=True)]
+    order = sorted(range(len(prompts)), key=lambda k: (-len(prompts[k]), -cost[k]))
+    results: list[ChoiceScores | None] = [None] * len(prompts)
+    with torch.inference_mode(), _quiet_transformers():
+        for batch in _batches(order, batch_size):
+            batch_prompts = [list(prompts[k]) for k in batch]
+            batch_choices = [[list(c) for c in choices[k]] for k in batch]
+            if lm.is_seq2seq:
+                scored = _seq2seq_batch(lm, batch_prompts, batch_choices)
+            else:
+                scored = _decoder_batch(lm, batch_prompts, batch_choices, rule)
+            for k, result in zip(batch, scored, strict=True):
+                results[k] = result
+            if progress is not None:
+                progress(len(batch))
+    return results  # type: ignore[return-value]
+
+
+def generate(
+    lm: LanguageModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Greedy continuations of encoded prompts, stopping at EOS or ``max_new_tokens``.
+
+    Batches are left padded (explicit attention masks, so padding changes nothing) and decoded
+    with special tokens skipped, as the starter kit decodes.
+    """
+    if batch_size < 1:
+        raise EvaluationError(f"batch size must be at least 1, got {batch_size}")
+    tokenizer, model, device = lm.tokenizer, lm.model, lm.device
+    order = sorted(range(len(prompts)), key=lambda k: -len(prompts[k]))
+    texts: list[str] = [""] * len(prompts)
+    with torch.inference_mode(), _quiet_transformers():
+        for batch in _batches(order, batch_size):
+            rows = [list(prompts[k]) for k in batch]
+            ids, mask = _pad(rows, tokenizer.pad_token_id, left=not lm.is_seq2seq, device=device)
+            output = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+            )
+            new = output if lm.is_seq2seq else output[:, ids.shape[1] :]
+            decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for k, text in zip(batch, decoded, strict=True):
+                texts[k] = text
+            if progress is not None:
+                progress(len(batch))
+    return texts
