@@ -68,21 +68,30 @@ def methods(
     console.print(table)
 
 
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
+DeviceOption = Annotated[str, typer.Option(help="Where the math runs: cpu or cuda.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+DownloadOption = Annotated[
+    bool, typer.Option(help="Download hub models missing from the local cache.")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+DtypeOption = Annotated[str, typer.Option(help="Evaluation dtype: float32, bfloat16 or float16.")]
+LimitOption = Annotated[int | None, typer.Option(help="Only the first N rows of each task.")]
+
+
 @app.command()
 def merge(
     recipe: Annotated[Path, typer.Argument(help="The YAML merge recipe (mergekit format works).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
-    device: Annotated[str, typer.Option(help="Where the math runs: cpu or cuda.")] = "cpu",
+    out: OutOption,
+    device: DeviceOption = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for the math.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    allow_download: Annotated[
-        bool, typer.Option(help="Download hub models missing from the local cache.")
-    ] = False,
+    force: ForceOption = False,
+    allow_download: DownloadOption = False,
     shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB or 500MB.")] = "5GB",
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate the recipe and inputs; write nothing.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Merge the models a recipe names into a Hugging Face checkpoint at OUT."""
     from mergearena.engine import merge as run_merge
@@ -232,19 +241,17 @@ ChatOption = Annotated[
 def eval_command(
     model: Annotated[str, typer.Option(help="Model: a directory, zoo:NAME or a cached hub id.")],
     tasks: TasksOption,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    out: OutOption,
     adapter: Annotated[Path | None, typer.Option(help="A PEFT LoRA adapter to apply.")] = None,
     batch_size: BatchSizeOption = "auto",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     mc_rule: McRuleOption = None,
     chat_template: ChatOption = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N rows of each task.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    allow_download: Annotated[
-        bool, typer.Option(help="Download a hub model missing from the local cache.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    limit: LimitOption = None,
+    force: ForceOption = False,
+    allow_download: DownloadOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Score a model on task files; write scores.json, predictions/ and samples.jsonl to OUT."""
     try:
@@ -271,20 +278,16 @@ def eval_command(
 def run(
     recipe: Annotated[Path, typer.Argument(help="The YAML merge recipe.")],
     tasks: TasksOption,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    out: OutOption,
     batch_size: BatchSizeOption = "auto",
-    device: Annotated[
-        str, typer.Option(help="cpu or cuda, for the merge and the evaluation.")
-    ] = "cpu",
-    dtype: Annotated[str, typer.Option(help="Evaluation dtype.")] = "float32",
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     mc_rule: McRuleOption = None,
     chat_template: ChatOption = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N rows of each task.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    allow_download: Annotated[
-        bool, typer.Option(help="Download hub models missing from the local cache.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    limit: LimitOption = None,
+    force: ForceOption = False,
+    allow_download: DownloadOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Merge a recipe, then evaluate the result: OUT/model holds the merge, OUT/eval the scores."""
     from mergearena.engine import merge as run_merge
