@@ -286,3 +286,18 @@ def test_seq2seq_generation_batched_equals_single():
     assert generate(lm, prompts, max_new_tokens=5, batch_size=5) == generate(
         lm, prompts, max_new_tokens=5, batch_size=1
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rule", ["loglik", "starter-kit"])
+def test_cuda_scores_equal_cpu_scores(rule):
+    cpu = tiny_lm("llama", "llama", seed=6)
+    cuda = LanguageModel(copy.deepcopy(cpu.model).to("cuda"), cpu.tokenizer)
+    expected = _batched(cpu, rule, batch_size=3)
+    for result, reference in zip(_batched(cuda, rule, batch_size=3), expected, strict=True):
+        assert result.scores == pytest.approx(reference.scores, abs=1e-3)
+        assert result.prediction == reference.prediction
+    prompts = encode_prompts(cpu, PROMPTS)
+    assert generate(cuda, prompts, max_new_tokens=5, batch_size=5) == generate(
+        cpu, prompts, max_new_tokens=5, batch_size=5
+    )

@@ -19,6 +19,7 @@ rules, as the starter kit does.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -107,6 +108,55 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _length_chunks(lengths: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Split rows sorted by decreasing length into runs whose padding stays under ``slack``:
+    a run's padded size (rows × its first, longest row) is at most ``slack`` × its real tokens."""
+    chunks: list[list[int]] = []
+    real = 0
+    for k, length in enumerate(lengths):
+        if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= slack * (real + length):
+            chunks[-1].append(k)
+            real += length
+        else:
+            chunks.append([k])
+            real = length
+    return chunks
+
+
+def _choice_pass(
+    lm: LanguageModel,
+    prompt_mask: torch.Tensor,
+    cache: object,
+    rows: list[tuple[int, int]],
+    choices: list[list[list[int]]],
+    keep_supported: bool,
+) -> list[float]:
+    """Summed log-probabilities of tokens 2..n of each (example, choice) row, after its prompt."""
+    model, device, pad_id = lm.model, lm.device, lm.tokenizer.pad_token_id
+    owner = torch.tensor([i for i, _ in rows], device=device)
+    fed, fed_mask = _pad([choices[i][j][:-1] for i, j in rows], pad_id, False, device)
+    targets, _ = _pad([choices[i][j][1:] for i, j in rows], pad_id, False, device)
+    cache.batch_select_indices(owner)
+    positions = prompt_mask.sum(-1)[owner][:, None] + torch.arange(fed.shape[1], device=device)
+    keep = fed_mask.bool()
+    extra = {"logits_to_keep": keep} if keep_supported else {}
+    out = model(
+        input_ids=fed,
+        attention_mask=torch.cat([prompt_mask[owner], fed_mask], dim=1),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        **extra,
+    )
+    logits = out.logits
+    logits = logits.reshape(-1, logits.shape[-1]) if keep_supported else logits[keep]
+    logprobs = _token_logprobs(logits, targets[keep])
+    row_of = torch.arange(len(rows), device=device)[:, None].expand_as(keep)[keep]
+    sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    sums.index_add_(0, row_of, logprobs)
+    return sums.cpu().tolist()
+
+
 def _decoder_batch(
     lm: LanguageModel, prompts: list[list[int]], choices: list[list[list[int]]], rule: str
 ) -> list[ChoiceScores]:
@@ -126,31 +176,19 @@ def _decoder_batch(
 
     # One row per choice with at least one token to feed: the choice without its last token.
     rows = [(i, j) for i, group in enumerate(choices) for j, t in enumerate(group) if len(t) > 1]
-    if rows:
-        owner = torch.tensor([i for i, _ in rows], device=device)
-        fed, fed_mask = _pad([choices[i][j][:-1] for i, j in rows], pad_id, False, device)
-        targets, _ = _pad([choices[i][j][1:] for i, j in rows], pad_id, False, device)
-        cache = out.past_key_values
-        cache.batch_select_indices(owner)
-        prompt_lengths = mask.sum(-1)[owner]
-        fed_positions = prompt_lengths[:, None] + torch.arange(fed.shape[1], device=device)
-        keep = fed_mask.bool()
-        extra = {"logits_to_keep": keep} if keep_supported else {}
-        choice_out = model(
-            input_ids=fed,
-            attention_mask=torch.cat([mask[owner], fed_mask], dim=1),
-            position_ids=fed_positions,
-            past_key_values=cache,
-            use_cache=True,
-            **extra,
+    rows.sort(key=lambda row: -len(choices[row[0]][row[1]]))
+    chunks = _length_chunks([len(choices[i][j]) - 1 for i, j in rows])
+    for number, chunk in enumerate(chunks):
+        # The last chunk takes the prompt cache itself; the others a copy of it.
+        cache = (
+            out.past_key_values if number == len(chunks) - 1 else copy.deepcopy(out.past_key_values)
         )
-        logits = choice_out.logits
-        logits = logits.reshape(-1, logits.shape[-1]) if keep_supported else logits[keep]
-        logprobs = _token_logprobs(logits, targets[keep])
-        row_of = torch.arange(len(rows), device=device)[:, None].expand_as(keep)[keep]
-        sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
-        sums.index_add_(0, row_of, logprobs)
-        for (i, j), value in zip(rows, sums.cpu().tolist(), strict=True):
+        chunk_rows = [rows[k] for k in chunk]
+        for (i, j), value in zip(
+            chunk_rows,
+            _choice_pass(lm, mask, cache, chunk_rows, choices, keep_supported),
+            strict=True,
+        ):
             totals[i][j] += value
     counted = 0 if rule == "loglik" else 1
     return [

@@ -1,0 +1,575 @@
+#!/usr/bin/env python3
+"""Evaluation-speed benchmark: one model, the same CosmosQA rows, three ways of scoring them.
+
+* ``starter-kit``: our transcription of the NeurIPS 2024 LLM Merging Competition starter kit's
+  decoder evaluation (bench/starter_kit_loop.py): one example at a time, the prompt cached and the
+  cache repeated per choice, the first token of each choice unscored and an EOS appended. It runs
+  in this process on a model loaded with ``AutoModelForCausalLM.from_pretrained`` in ``--dtype``,
+  with torch's default thread count.
+* ``lm-eval``: lm-evaluation-harness 0.4.13's ``hf`` backend, ``HFLM.loglikelihood`` with
+  ``--batch-size`` (bench/lmeval_runner.py, run by bench/.venv-lmeval/bin/python as a
+  subprocess). Each choice is a continuation; its score is the summed log-probability of all its
+  tokens.
+* ``mergearena``: mergearena's own evaluation, once per ``--mc-rule`` (``run_mergearena``).
+
+Only the scoring is timed: model loading is reported apart. Predictions are compared between
+tools that apply the same rule (starter-kit vs mergearena/starter-kit, lm-eval vs
+mergearena/loglik) and across rules (starter-kit vs lm-eval) for information.
+
+    bash bench/setup_eval.sh                     # once: lm-eval venv + SmolLM2-135M checkpoint
+    .venv/bin/python bench/eval_speed.py         # 40 rows, all tools
+    .venv/bin/python bench/eval_speed.py --rows 100 --repeat 3 --tools starter-kit,lm-eval
+
+Rows. ``--rows N`` takes the first N rows of the competition's cosmos_qa.csv. Its rows come in four
+prompt templates: half have the option texts as answer choices, half have letters ("A".."D") with
+the options written in the prompt as "A. text" lines. By default (full-text choices) the letter
+choices are replaced by the texts parsed from the prompt, so that every tool scores option texts;
+``--letter-choices`` keeps the CSV's choices as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+DEFAULT_MODEL = BENCH_DIR / "_work" / "smollm2-135m"
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "competition" / "cosmos_qa.csv"
+DEFAULT_LMEVAL_PYTHON = BENCH_DIR / ".venv-lmeval" / "bin" / "python"
+LMEVAL_RUNNER = BENCH_DIR / "lmeval_runner.py"
+
+ALL_TOOLS = ("starter-kit", "lm-eval", "mergearena")
+MC_RULES = ("starter-kit", "loglik")
+# Which tool applies which multiple-choice rule, for the agreement check.
+TOOL_RULE = {"starter-kit": "starter-kit", "lm-eval": "loglik"}
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------
+
+LETTERED = re.compile(r"^\s*([A-Z])\.\s(.*)$")
+DASHED = re.compile(r"^\s*-\s(.*)$")
+
+
+def parse_options(text: str) -> list[tuple[str | None, str]]:
+    """The options written at the end of a prompt, as (letter or None, text) in order.
+
+    Two layouts occur: "A. text" lines (after "Options:", after "Pick the best answer from the
+    following options:", or straight after the question), and "- text" lines after "Options:".
+    The options are the prompt's last lines; parsing walks back from the end while lines match one
+    layout. Returns [] when the prompt does not end with options.
+    """
+    lines = text.rstrip("\n").split("\n")
+    found: list[tuple[str | None, str]] = []
+    layout = None
+    for line in reversed(lines):
+        m = LETTERED.match(line)
+        if m and layout in (None, "lettered"):
+            layout = "lettered"
+            found.append((m.group(1), m.group(2).strip()))
+            continue
+        m = DASHED.match(line)
+        if m and layout in (None, "dashed"):
+            layout = "dashed"
+            found.append((None, m.group(1).strip()))
+            continue
+        break
+    found.reverse()
+    if layout == "lettered":
+        letters = [letter for letter, _ in found]
+        # Keep the run that reads A, B, C, ... up to the end (a stray "X. " line above is not ours).
+        start = len(letters) - 1
+        while start > 0 and ord(letters[start - 1]) == ord(letters[start]) - 1:
+            start -= 1
+        found = found[start:]
+        if found and found[0][0] != "A":
+            return []
+    return found
+
+
+def _is_letters(choices: list[str]) -> bool:
+    return all(re.fullmatch(r"[A-Z]", c) for c in choices)
+
+
+def load_cosmos_rows(
+    path: str | os.PathLike = DEFAULT_DATA, n: int | None = None, full_text_choices: bool = True
+) -> list[dict]:
+    """The first ``n`` rows (all when None) of the competition's cosmos_qa.csv.
+
+    Each row: {"id", "input", "target" (the CSV's index string, unchanged), "answer_choices": list,
+    "eval_type"}. With ``full_text_choices``, letter choices (["A", "B", "C", "D"]) are replaced by
+    the option texts parsed from the prompt, in the same order, so the target index still holds;
+    a row whose options do not parse to exactly its letters raises ValueError.
+    """
+    rows = []
+    with open(path, newline="") as fh:
+        for record in csv.DictReader(fh):
+            if n is not None and len(rows) >= n:
+                break
+            choices = record["answer_choices"]
+            if isinstance(choices, str) and choices.startswith("["):
+                choices = ast.literal_eval(choices)
+            row = {
+                "id": record["id"],
+                "input": record["input"],
+                "target": record.get("target"),
+                "answer_choices": list(choices),
+                "eval_type": record.get("eval_type") or "multiple_choice",
+            }
+            if full_text_choices and _is_letters(row["answer_choices"]):
+                options = parse_options(row["input"])
+                letters = [letter for letter, _ in options]
+                if letters != row["answer_choices"]:
+                    raise ValueError(
+                        f"row {row['id']}: choices {row['answer_choices']} but the prompt's "
+                        f"options parse to {letters or 'nothing'}"
+                    )
+                row["answer_choices"] = [option for _, option in options]
+            rows.append(row)
+    return rows
+
+
+def check_cosmos_rows(path: str | os.PathLike = DEFAULT_DATA) -> dict:
+    """Parse every row's options; count the layouts and list the rows that fail.
+
+    A letter-choice row must parse to exactly its letters. A full-text row whose prompt also lists
+    its options ("- text" lines) must list the same texts in the same order.
+    """
+    report = {
+        "rows": 0,
+        "letter_rows": 0,
+        "text_rows": 0,
+        "text_rows_with_options": 0,
+        "failures": [],
+    }
+    with open(path, newline="") as fh:
+        for record in csv.DictReader(fh):
+            report["rows"] += 1
+            choices = ast.literal_eval(record["answer_choices"])
+            options = parse_options(record["input"])
+            if _is_letters(choices):
+                report["letter_rows"] += 1
+                if [letter for letter, _ in options] != choices or any(not t for _, t in options):
+                    report["failures"].append((record["id"], choices, options))
+            else:
+                report["text_rows"] += 1
+                if options:
+                    report["text_rows_with_options"] += 1
+                    if [t for _, t in options] != [c.strip() for c in choices]:
+                        report["failures"].append((record["id"], choices, options))
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Tools
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def random_model(config_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A model with ``config_dir``'s config and tokenizer and seeded random weights, saved once.
+
+    For machines the real weights cannot reach (the GPU machine): timings need only the shapes.
+    """
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(config_dir).save_pretrained(out)
+    return out
+
+
+def run_starter_kit(
+    model_dir: Path, rows: list[dict], dtype: str, repeat: int, device: str = "cpu"
+) -> dict:
+    """The starter kit's loop, in this process. Scores are those of the last repeat."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(BENCH_DIR))
+    from starter_kit_loop import starter_kit_eval
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_torch_dtype(dtype)).to(device)
+    model.eval()
+    load_seconds = time.perf_counter() - t0
+    times, results = [], None
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        results = starter_kit_eval(model, str(model_dir), rows)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    del model
+    return {
+        "seconds": min(times),
+        "all_seconds": times,
+        "load_seconds": load_seconds,
+        "threads": torch.get_num_threads(),
+        "scores": [r["scores"] for r in results],
+        "predictions": [r["prediction"] for r in results],
+    }
+
+
+def run_lm_eval(
+    model_dir: Path,
+    rows: list[dict],
+    dtype: str,
+    batch_size: int,
+    repeat: int,
+    python: Path,
+    continuation_prefix: str = "",
+) -> dict:
+    """lm-eval in its own venv, one subprocess per repeat; each loads the model anew."""
+    if not Path(python).exists():
+        raise FileNotFoundError(f"{python} not found: run `bash bench/setup_eval.sh` first")
+    with tempfile.TemporaryDirectory(prefix="eval_speed-") as tmp:
+        rows_path = Path(tmp) / "rows.json"
+        rows_path.write_text(
+            json.dumps(
+                [
+                    {
+                        "id": r["id"],
+                        "input": r["input"],
+                        "choices": [continuation_prefix + c for c in r["answer_choices"]],
+                    }
+                    for r in rows
+                ]
+            )
+        )
+        runs = []
+        for i in range(repeat):
+            out = Path(tmp) / f"result-{i}.json"
+            cmd = [
+                str(python),
+                str(LMEVAL_RUNNER),
+                "--model",
+                str(model_dir),
+                "--rows",
+                str(rows_path),
+                "--batch-size",
+                str(batch_size),
+                "--dtype",
+                dtype,
+                "--out",
+                str(out),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"lm-eval runner failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+                )
+            runs.append(json.loads(out.read_text()))
+    times = [r["seconds"] for r in runs]
+    return {
+        "seconds": min(times),
+        "all_seconds": times,
+        "load_seconds": min(r["load_seconds"] for r in runs),
+        "threads": runs[-1]["torch_threads"],
+        "scores": runs[-1]["scores"],
+        "predictions": runs[-1]["predictions"],
+    }
+
+
+def _transcription_appends_eos(tokenizer) -> bool:
+    """Whether the starter kit's target tokenizer (a copy with add_eos_token=True) appends EOS
+    under the installed transformers: 5.x honours the attribute for every tokenizer class,
+    the 4.4x releases of the competition only for Llama-family ones."""
+    import copy
+
+    target = copy.deepcopy(tokenizer)
+    target.add_bos_token = False
+    target.add_eos_token = True
+    ids = target("word", add_special_tokens=True)["input_ids"]
+    return tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
+
+
+def run_mergearena(
+    model_dir: Path,
+    rows: list[dict],
+    mc_rule: str,
+    batch_size: int | str,
+    dtype: str,
+    device: str = "cpu",
+    repeat: int = 1,
+) -> dict:
+    """mergearena's scorer on the same rows (encoding included in the time, as for the others).
+
+    For ``starter-kit`` the EOS decision follows the transcription's tokenizer under the installed
+    transformers (see ``_transcription_appends_eos``), so both apply the very same rule.
+    """
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+    from mergearena.evaluation import LanguageModel, encode_choices, encode_prompts, score_choices
+
+    t0 = time.perf_counter()
+    lm = LanguageModel.load(model_dir, device=device, dtype=dtype)
+    if mc_rule == "starter-kit":
+        lm.eos_rule = _transcription_appends_eos(lm.tokenizer)
+    load_seconds = time.perf_counter() - t0
+    size = batch_size if batch_size == "auto" else int(batch_size)
+    if size == "auto":
+        size = 16 if device.startswith("cuda") else 8
+    times, results = [], None
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        prompts = encode_prompts(lm, [r["input"] for r in rows])
+        choices = encode_choices(lm, [r["answer_choices"] for r in rows], mc_rule)
+        results = score_choices(lm, prompts, choices, rule=mc_rule, batch_size=size)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {
+        "seconds": min(times),
+        "all_seconds": times,
+        "load_seconds": load_seconds,
+        "threads": torch.get_num_threads(),
+        "batch_size": size,
+        "eos_appended": lm.starter_kit_appends_eos if mc_rule == "starter-kit" else None,
+        "scores": [list(r.scores) for r in results],
+        "predictions": [r.prediction for r in results],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def agreement(a: dict, b: dict) -> dict:
+    pa, pb = a["predictions"], b["predictions"]
+    same = sum(x == y for x, y in zip(pa, pb, strict=True))
+    diffs = [
+        abs(x - y)
+        for sa, sb in zip(a["scores"], b["scores"], strict=True)
+        for x, y in zip(sa, sb, strict=True)
+    ]
+    return {
+        "same": same,
+        "of": len(pa),
+        "identical": same == len(pa),
+        "max_score_diff": max(diffs) if diffs else None,
+    }
+
+
+def accuracy(result: dict, rows: list[dict]) -> float | None:
+    try:
+        gold = [int(r["target"]) for r in rows]
+    except (TypeError, ValueError):
+        return None
+    return sum(p == g for p, g in zip(result["predictions"], gold, strict=True)) / len(gold)
+
+
+def print_table(results: dict, rows: list[dict], agreements: list[dict]) -> None:
+    n = len(rows)
+    base = results.get("starter-kit")
+    header = (
+        f"{'tool':<24} {'rule':<12} {'scoring s':>10} {'load s':>8} {'ex/s':>8} "
+        f"{'vs kit':>8} {'acc':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, res in results.items():
+        if "error" in res:
+            print(f"{name:<24} {res.get('rule', ''):<12} {res['error']}")
+            continue
+        ratio = f"{base['seconds'] / res['seconds']:.2f}x" if base and "seconds" in base else "-"
+        acc = accuracy(res, rows)
+        acc_text = "-" if acc is None else f"{acc:.3f}"
+        print(
+            f"{name:<24} {res.get('rule', ''):<12} {res['seconds']:>10.2f} "
+            f"{res['load_seconds']:>8.2f} {n / res['seconds']:>8.2f} {ratio:>8} {acc_text:>6}"
+        )
+    print("('vs kit' = starter-kit time / this tool's time: above 1 is faster than the kit)")
+    if agreements:
+        print()
+        for ag in agreements:
+            mark = "identical" if ag["identical"] else "DIFFER"
+            note = "" if ag["same_rule"] else "  (different rules: agreement not expected)"
+            diff = "-" if ag["max_score_diff"] is None else f"{ag['max_score_diff']:.2e}"
+            print(
+                f"predictions {ag['a']} vs {ag['b']}: {ag['same']}/{ag['of']} same, {mark}; "
+                f"max |score diff| {diff}{note}"
+            )
+
+
+def _csv_list(value: str, allowed) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(allowed)}")
+    return items
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF checkpoint directory")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="cosmos_qa.csv")
+    ap.add_argument("--rows", type=int, default=40, help="first N rows (default 40)")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="runs per tool; the best time is reported"
+    )
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument(
+        "--tools",
+        default=",".join(ALL_TOOLS),
+        type=lambda v: _csv_list(v, ALL_TOOLS),
+        help="comma list of " + ",".join(ALL_TOOLS),
+    )
+    ap.add_argument(
+        "--batch-size", type=int, default=8, help="lm-eval's and mergearena's batch size"
+    )
+    ap.add_argument(
+        "--mc-rule",
+        default=",".join(MC_RULES),
+        type=lambda v: _csv_list(v, MC_RULES),
+        help="mergearena's rule(s), comma list (default: both)",
+    )
+    ap.add_argument(
+        "--letter-choices",
+        action="store_true",
+        help="keep the CSV's letter choices instead of the option texts",
+    )
+    ap.add_argument("--lm-eval-python", type=Path, default=DEFAULT_LMEVAL_PYTHON)
+    ap.add_argument(
+        "--lm-eval-prefix",
+        default="",
+        help="string put before each choice for lm-eval only (lm-eval tasks use ' ')",
+    )
+    ap.add_argument(
+        "--check-rows",
+        action="store_true",
+        help="only check that every CSV row's options parse, and exit",
+    )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (starter kit and mergearena)")
+    ap.add_argument(
+        "--random-init",
+        type=Path,
+        help="build (once) a model with --model's config and tokenizer and random weights here, "
+        "and time that (needs only config.json and the tokenizer files in --model)",
+    )
+    ap.add_argument("--json", type=Path, help="write all results here")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.check_rows:
+        report = check_cosmos_rows(args.data)
+        print(json.dumps({k: v for k, v in report.items() if k != "failures"}))
+        for failure in report["failures"]:
+            print("FAIL", failure)
+        return 1 if report["failures"] else 0
+
+    rows = load_cosmos_rows(args.data, args.rows, full_text_choices=not args.letter_choices)
+    if args.random_init is not None:
+        args.model = random_model(args.model, args.random_init)
+    print(
+        f"{len(rows)} rows of {args.data.name}, {'letter' if args.letter_choices else 'full-text'} "
+        f"choices, model {args.model}, {args.dtype}, repeat {args.repeat}",
+        flush=True,
+    )
+
+    results: dict[str, dict] = {}
+    for tool in args.tools:
+        if tool == "starter-kit":
+            print("running starter-kit ...", flush=True)
+            results["starter-kit"] = {
+                "rule": "starter-kit",
+                **run_starter_kit(args.model, rows, args.dtype, args.repeat, args.device),
+            }
+        elif tool == "lm-eval":
+            print(f"running lm-eval (batch {args.batch_size}) ...", flush=True)
+            results["lm-eval"] = {
+                "rule": "loglik",
+                **run_lm_eval(
+                    args.model,
+                    rows,
+                    args.dtype,
+                    args.batch_size,
+                    args.repeat,
+                    args.lm_eval_python,
+                    args.lm_eval_prefix,
+                ),
+            }
+        else:
+            for rule in args.mc_rule:
+                name = f"mergearena/{rule}"
+                print(f"running {name} (batch {args.batch_size}) ...", flush=True)
+                results[name] = {
+                    "rule": rule,
+                    **run_mergearena(
+                        args.model,
+                        rows,
+                        rule,
+                        args.batch_size,
+                        args.dtype,
+                        device=args.device,
+                        repeat=args.repeat,
+                    ),
+                }
+
+    ok = [name for name, res in results.items() if "error" not in res]
+    agreements = []
+    for i, a in enumerate(ok):
+        for b in ok[i + 1 :]:
+            same_rule = results[a]["rule"] == results[b]["rule"]
+            agreements.append(
+                {"a": a, "b": b, "same_rule": same_rule, **agreement(results[a], results[b])}
+            )
+
+    print()
+    print_table(results, rows, agreements)
+    if args.json:
+        doc = {
+            "rows": len(rows),
+            "data": str(args.data),
+            "model": str(args.model),
+            "dtype": args.dtype,
+            "full_text_choices": not args.letter_choices,
+            "repeat": args.repeat,
+            "batch_size": args.batch_size,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "ids": [r["id"] for r in rows],
+            "results": results,
+            "agreements": agreements,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1))
+    # Disagreement between tools applying the same rule is a failure of the benchmark's check.
+    return 1 if any(ag["same_rule"] and not ag["identical"] for ag in agreements) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
