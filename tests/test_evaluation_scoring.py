@@ -301,3 +301,15 @@ def test_cuda_scores_equal_cpu_scores(rule):
     assert generate(cuda, prompts, max_new_tokens=5, batch_size=5) == generate(
         cpu, prompts, max_new_tokens=5, batch_size=5
     )
+
+
+@pytest.mark.parametrize("support", [(True, False), (False, False)])
+def test_models_without_logits_to_keep_masks_score_the_same(monkeypatch, support):
+    """Older transformers take no boolean logits_to_keep (or none at all): full logits then."""
+    from mergearena.evaluation import scoring
+
+    lm = tiny_lm("llama", "llama", seed=7)
+    expected = _batched(lm, "loglik", batch_size=3)
+    monkeypatch.setattr(scoring, "_logits_to_keep_support", lambda _cls: support)
+    for result, reference in zip(_batched(lm, "loglik", batch_size=3), expected, strict=True):
+        assert result.scores == pytest.approx(reference.scores, abs=1e-5)

@@ -20,6 +20,7 @@ rules, as the starter kit does.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,8 +46,18 @@ class ChoiceScores:
         return self.scores.index(best)
 
 
-def _supports_logits_to_keep(model: object) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+@functools.cache
+def _logits_to_keep_support(model_class: type) -> tuple[bool, bool]:
+    """(takes ``logits_to_keep`` at all, takes a boolean mask for it): newer transformers
+    slice with ``slice_logits_to_keep``, which accepts a mask; older ones only int or 1-D."""
+    forward = model_class.forward
+    if "logits_to_keep" not in inspect.signature(forward).parameters:
+        return False, False
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return True, False
+    return True, "slice_logits_to_keep" in source
 
 
 def encode_prompts(
@@ -129,7 +140,7 @@ def _choice_pass(
     cache: object,
     rows: list[tuple[int, int]],
     choices: list[list[list[int]]],
-    keep_supported: bool,
+    keep_mask: bool,
 ) -> list[float]:
     """Summed log-probabilities of tokens 2..n of each (example, choice) row, after its prompt."""
     model, device, pad_id = lm.model, lm.device, lm.tokenizer.pad_token_id
@@ -139,7 +150,7 @@ def _choice_pass(
     cache.batch_select_indices(owner)
     positions = prompt_mask.sum(-1)[owner][:, None] + torch.arange(fed.shape[1], device=device)
     keep = fed_mask.bool()
-    extra = {"logits_to_keep": keep} if keep_supported else {}
+    extra = {"logits_to_keep": keep} if keep_mask else {}
     out = model(
         input_ids=fed,
         attention_mask=torch.cat([prompt_mask[owner], fed_mask], dim=1),
@@ -149,7 +160,7 @@ def _choice_pass(
         **extra,
     )
     logits = out.logits
-    logits = logits.reshape(-1, logits.shape[-1]) if keep_supported else logits[keep]
+    logits = logits.reshape(-1, logits.shape[-1]) if keep_mask else logits[keep]
     logprobs = _token_logprobs(logits, targets[keep])
     row_of = torch.arange(len(rows), device=device)[:, None].expand_as(keep)[keep]
     sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
@@ -162,10 +173,10 @@ def _decoder_batch(
 ) -> list[ChoiceScores]:
     model, device = lm.model, lm.device
     pad_id = lm.tokenizer.pad_token_id
-    keep_supported = _supports_logits_to_keep(model)
+    keep_last, keep_mask = _logits_to_keep_support(type(model))
     ids, mask = _pad(prompts, pad_id, left=True, device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if keep_supported else {}
+    extra = {"logits_to_keep": 1} if keep_last else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
     totals = [[0.0] * len(group) for group in choices]
     if rule == "loglik":  # the first choice token, from the prompt's last position
@@ -186,7 +197,7 @@ def _decoder_batch(
         chunk_rows = [rows[k] for k in chunk]
         for (i, j), value in zip(
             chunk_rows,
-            _choice_pass(lm, mask, cache, chunk_rows, choices, keep_supported),
+            _choice_pass(lm, mask, cache, chunk_rows, choices, keep_mask),
             strict=True,
         ):
             totals[i][j] += value
