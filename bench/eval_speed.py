@@ -472,6 +472,11 @@ def parse_args(argv=None):
         action="store_true",
         help="only check that every CSV row's options parse, and exit",
     )
+    ap.add_argument(
+        "--bf16-agreement",
+        action="store_true",
+        help="also run mergearena/loglik in bfloat16 and report its agreement with float32",
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda (starter kit and mergearena)")
     ap.add_argument(
         "--random-init",
@@ -535,6 +540,22 @@ def main(argv=None) -> int:
                         rule,
                         args.batch_size,
                         args.dtype,
+                        device=args.device,
+                        repeat=args.repeat,
+                    ),
+                }
+            if args.bf16_agreement and args.dtype != "bfloat16":
+                # Its own "rule" label: the agreement with float32 is reported, not required.
+                name = "mergearena/loglik-bf16"
+                print(f"running {name} (batch {args.batch_size}) ...", flush=True)
+                results[name] = {
+                    "rule": "loglik (bfloat16)",
+                    **run_mergearena(
+                        args.model,
+                        rows,
+                        "loglik",
+                        args.batch_size,
+                        "bfloat16",
                         device=args.device,
                         repeat=args.repeat,
                     ),
