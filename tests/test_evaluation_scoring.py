@@ -313,3 +313,10 @@ def test_models_without_logits_to_keep_masks_score_the_same(monkeypatch, support
     monkeypatch.setattr(scoring, "_logits_to_keep_support", lambda _cls: support)
     for result, reference in zip(_batched(lm, "loglik", batch_size=3), expected, strict=True):
         assert result.scores == pytest.approx(reference.scores, abs=1e-5)
+
+
+def test_allocator_tuning_can_be_turned_off(monkeypatch):
+    from mergearena.evaluation.scoring import tune_cpu_allocator
+
+    monkeypatch.setenv("MERGEARENA_NO_MALLOC_TUNING", "1")
+    assert tune_cpu_allocator.__wrapped__() is False
