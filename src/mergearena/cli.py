@@ -295,7 +295,7 @@ def run(
     from mergearena.recipe import parse_recipe
 
     try:
-        size, rule = _evaluation_options(batch_size, mc_rule, limit)
+        _evaluation_options(batch_size, mc_rule, limit)  # bad options fail before the merge
         parsed = parse_recipe(recipe)
         for path in tasks:  # fail on a bad task file before the merge, not after it
             load_task(path, limit=limit)
@@ -324,10 +324,10 @@ def run(
                 None,
                 tasks,
                 directory / "eval",
-                batch_size=str(size),
+                batch_size=batch_size,
                 device=device,
                 dtype=dtype,
-                mc_rule=rule,
+                mc_rule=mc_rule,
                 chat_template=chat_template,
                 limit=limit,
                 force=False,

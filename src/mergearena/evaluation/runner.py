@@ -122,7 +122,7 @@ def render_prompt(lm: LanguageModel, task: Task, example: Example, chat: bool) -
 # ---------------------------------------------------------------------------------------- running
 
 
-def _is_oom(error: BaseException) -> bool:
+def _is_oom(error: RuntimeError) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
@@ -140,7 +140,7 @@ def _with_batch_size(
     while True:
         try:
             return run(size), size
-        except (torch.OutOfMemoryError, RuntimeError) as error:
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
             if not _is_oom(error) or size == 1:
                 raise
             size //= 2

@@ -138,9 +138,14 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.d
     return ids.to(device), mask.to(device)
 
 
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _row_sums(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> list[float]:
+    """Per row of ``keep`` (rows × positions), the summed log-probability of ``targets`` at its
+    kept positions; ``logits`` holds the kept positions only, flattened in row-major order."""
     logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+    per_position = torch.zeros(keep.shape, dtype=torch.float32, device=logits.device)
+    per_position[keep] = picked - torch.logsumexp(logits, dim=-1)
+    return per_position.sum(-1).cpu().tolist()
 
 
 def _length_chunks(lengths: list[int], slack: float = 1.25) -> list[list[int]]:
@@ -185,11 +190,7 @@ def _choice_pass(
     )
     logits = out.logits
     logits = logits.reshape(-1, logits.shape[-1]) if keep_mask else logits[keep]
-    logprobs = _token_logprobs(logits, targets[keep])
-    row_of = torch.arange(len(rows), device=device)[:, None].expand_as(keep)[keep]
-    sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
-    sums.index_add_(0, row_of, logprobs)
-    return sums.cpu().tolist()
+    return _row_sums(logits, targets, keep)
 
 
 def _decoder_batch(
@@ -250,12 +251,9 @@ def _seq2seq_batch(
         use_cache=False,
     )
     keep = label_mask.bool()
-    logprobs = _token_logprobs(out.logits[keep], labels[keep])
-    row_of = torch.arange(len(rows), device=device)[:, None].expand_as(keep)[keep]
-    sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
-    sums.index_add_(0, row_of, logprobs)
+    sums = _row_sums(out.logits[keep], labels, keep)
     totals = [[0.0] * len(group) for group in choices]
-    for (i, j), value in zip(rows, sums.cpu().tolist(), strict=True):
+    for (i, j), value in zip(rows, sums, strict=True):
         totals[i][j] = value
     return [
         ChoiceScores(tuple(t), tuple(len(c) for c in group))
