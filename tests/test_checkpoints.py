@@ -594,12 +594,17 @@ def test_local_directories_resolve_to_themselves(make_checkpoint):
 
 
 def test_zoo_refs_resolve_in_the_mergearena_cache(tmp_path, monkeypatch):
+    from mergearena.zoo.base import write_manifest
+
     monkeypatch.setenv("MERGEARENA_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(CheckpointError, match="zoo model 'smollm2' is not prepared.*zoo prepare"):
-        resolve_model_ref("zoo:smollm2")
-    assert not model_ref_exists("zoo:smollm2")
-    (tmp_path / "cache" / "zoo" / "smollm2").mkdir(parents=True)
-    assert resolve_model_ref("zoo:smollm2") == tmp_path / "cache" / "zoo" / "smollm2"
+    with pytest.raises(CheckpointError, match="zoo:smollm2-135m is not ready.*zoo prepare"):
+        resolve_model_ref("zoo:smollm2-135m")
+    assert not model_ref_exists("zoo:smollm2-135m")
+    directory = tmp_path / "cache" / "zoo" / "smollm2-135m"
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text("{}")
+    write_manifest(directory)
+    assert resolve_model_ref("zoo:smollm2-135m") == directory
 
 
 def fake_hub_snapshot(cache: Path, repo_id: str, commit: str = "a" * 40) -> Path:

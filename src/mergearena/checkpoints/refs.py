@@ -30,13 +30,9 @@ def _resolve_zoo(ref: str) -> Path:
     name = ref.removeprefix(ZOO_PREFIX)
     if not name or "/" in name or name in (".", ".."):
         raise CheckpointError(f"{ref!r}: not a valid zoo reference; write zoo:NAME.")
-    directory = zoo_model_dir(name)
-    if not directory.is_dir():
-        raise CheckpointError(
-            f"{ref!r}: zoo model {name!r} is not prepared (looked in {directory}); run "
-            "`mergearena zoo prepare` first (`mergearena zoo list` shows the zoo)."
-        )
-    return directory
+    from mergearena.zoo.catalog import resolve  # the zoo builds on checkpoints, not vice versa
+
+    return resolve(name)
 
 
 def _resolve_hub(ref: str, repo_id: str, revision: str | None, allow_download: bool) -> Path:
