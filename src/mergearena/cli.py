@@ -352,17 +352,59 @@ def run(
 
 @app.command()
 def demo(
-    workdir: Annotated[
-        Path | None, typer.Option(help="Where to build the demo models (default: a temp dir).")
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Where merges and leaderboard.json go.")
+    ] = Path("mergearena-demo"),
+    recipes: Annotated[
+        list[Path] | None,
+        typer.Option("--recipes", help="Merge recipes (default: recipes/zoo-*.yaml)."),
     ] = None,
+    split: Annotated[str, typer.Option(help="Task split to score: test or validation.")] = "test",
+    limit: Annotated[
+        int, typer.Option(help="Rows per task (0: the whole split, 300 per task).")
+    ] = 50,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "bfloat16",
+    batch_size: BatchSizeOption = "auto",
+    quiet: QuietOption = False,
 ) -> None:
-    """Build two small models offline, merge them with several methods, and show the results."""
-    from mergearena.demo import run_demo
+    """The main job: prepare the zoo, merge its experts, and rank base, experts and merges.
+
+    Every zoo task is scored on ``--split`` for the base model, each LoRA expert and each recipe's
+    merge; the table ranks them by the average of the tasks' main metrics. OUT is replaced.
+    """
+    from mergearena.zoo.leaderboard import default_recipes, run_leaderboard, verdict
 
     try:
-        run_demo(workdir, console)
+        size, _ = _evaluation_options(batch_size, None, limit or None)
+        chosen = recipes or default_recipes()
+        rows = run_leaderboard(
+            chosen,
+            out,
+            split=split,
+            limit=limit or None,
+            device=device,
+            dtype=dtype,
+            batch_size=size,
+            overwrite=True,
+            progress=not quiet and console.is_terminal,
+            log=lambda line: None if quiet else console.print(line, highlight=False),
+        )
     except MergeArenaError as error:
         raise _fail(error) from None
+    tasks = list(rows[0].scores)
+    count = f"first {limit} rows" if limit else "all rows"
+    table = Table(title=f"zoo leaderboard: {split} split, {count} of each task")
+    for column in ("rank", "model", "kind", *tasks, "average"):
+        table.add_column(column, justify="left" if column in ("model", "kind") else "right")
+    for rank, row in enumerate(rows, start=1):
+        cells = [f"{100 * row.scores[t]:.1f}" for t in tasks]
+        table.add_row(str(rank), row.name, row.kind, *cells, f"[bold]{100 * row.average:.1f}[/]")
+    Console(width=max(console.width, 120)).print(table)
+    summary = verdict(rows)
+    if summary:
+        console.print(summary)
+    console.print(f"[green]wrote[/] {out}/leaderboard.json and the merges in {out}/merges/")
 
 
 zoo_app = typer.Typer(
