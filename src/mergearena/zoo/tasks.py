@@ -27,10 +27,7 @@ import hashlib
 import html
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 import unicodedata
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from mergearena.checkpoints.writer import atomic_directory
 from mergearena.evaluation.tasks import GENERATION, MULTIPLE_CHOICE
 from mergearena.zoo.packages import ZooError, read_package_file
 
@@ -557,17 +555,15 @@ def _sha256(data: bytes) -> str:
 def write_tasks(dest: Path, *, allow_download: bool = True) -> dict[str, dict[str, Path]]:
     """Write every task's splits, sidecars and ``manifest.json`` to ``dest``, atomically.
 
-    Everything is built in memory and written to a temporary folder beside ``dest``, which then
-    replaces ``dest`` in one rename, so a reader never sees a half-written folder.
+    Everything is built in memory, then written to a temporary folder beside ``dest`` that
+    replaces it only when complete (``atomic_directory``): a reader never sees a half-written
+    folder, and a failure leaves the previous tasks as they were.
     Returns task -> split -> CSV path.
     """
     dest = Path(dest)
     built = {name: build_task(name, allow_download=allow_download) for name in TASK_NAMES}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     manifest: dict[str, Any] = {"version": MANIFEST_VERSION, "tasks": {}}
-    try:
+    with atomic_directory(dest, overwrite=True) as staging:
         for name, splits in built.items():
             sidecar = yaml.safe_dump(task_settings(name), sort_keys=False).encode()
             entry = manifest["tasks"][name] = {}
@@ -583,26 +579,7 @@ def write_tasks(dest: Path, *, allow_download: bool = True) -> dict[str, dict[st
                     "sidecar_sha256": _sha256(sidecar),
                 }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {name: {split: task_csv(dest, name, split) for split in SPLITS} for name in TASK_NAMES}
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Put ``new`` at ``dest``; an existing ``dest`` is moved aside first and removed after."""
-    if not dest.exists():
-        os.replace(new, dest)
-        return
-    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-    os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except OSError:
-        os.replace(old, dest)  # put the previous tasks back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(dest: Path) -> dict[str, Any]:
