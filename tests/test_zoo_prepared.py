@@ -158,3 +158,34 @@ def test_demo_ranks_base_experts_and_merges(zoo, tmp_path):
     assert averages == sorted(averages, reverse=True)
     assert (out / "merges" / "task-arithmetic" / "config.json").is_file()
     assert "zoo leaderboard" in result.output
+
+
+@pytest.mark.slow
+def test_eval_takes_a_zoo_adapter_as_the_model_or_as_the_adapter(zoo, tmp_path):
+    (path,) = task_files("validation", ["spam"])
+    runner = CliRunner()
+    outputs = []
+    for index, arguments in enumerate(
+        (
+            ["--model", "zoo:spam-lora"],
+            ["--model", f"zoo:{BASE_NAME}", "--adapter", "zoo:spam-lora"],
+        )
+    ):
+        out = tmp_path / f"eval-{index}"
+        result = runner.invoke(
+            app,
+            [
+                "eval",
+                *arguments,
+                "--tasks",
+                str(path),
+                "--limit",
+                "8",
+                "--out",
+                str(out),
+                "--quiet",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        outputs.append(json.loads((out / "scores.json").read_text())["tasks"]["spam"]["main"])
+    assert outputs[0] == outputs[1] >= 0.75

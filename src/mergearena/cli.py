@@ -242,7 +242,9 @@ def eval_command(
     model: Annotated[str, typer.Option(help="Model: a directory, zoo:NAME or a cached hub id.")],
     tasks: TasksOption,
     out: OutOption,
-    adapter: Annotated[Path | None, typer.Option(help="A PEFT LoRA adapter to apply.")] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="A PEFT LoRA adapter to apply (a directory or zoo:NAME).")
+    ] = None,
     batch_size: BatchSizeOption = "auto",
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",

@@ -119,14 +119,26 @@ class LanguageModel:
         dtype: str = "float32",
         allow_download: bool = False,
     ) -> LanguageModel:
-        """Load a checkpoint (a directory, ``zoo:NAME`` or a cached hub id), optionally + LoRA."""
+        """Load a checkpoint (a directory, ``zoo:NAME`` or a cached hub id), optionally + LoRA.
+
+        ``adapter`` is a model reference too. A ``ref`` that is itself an adapter loads on the
+        base model its ``adapter_config.json`` names.
+        """
+        from mergearena.checkpoints.lora import LoraAdapter, is_adapter_dir
         from mergearena.checkpoints.refs import resolve_model_ref
 
         directory = resolve_model_ref(str(ref), allow_download=allow_download)
+        if adapter is None and is_adapter_dir(directory):
+            with LoraAdapter.open(directory) as found:
+                base = found.base_model_name_or_path
+            if not base:
+                raise CheckpointError(f"{ref}: a LoRA adapter that names no base model")
+            adapter, directory = directory, resolve_model_ref(base, allow_download=allow_download)
         torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
         model = _load_model(directory, torch_dtype)
         if adapter is not None:
-            model = _apply_adapter(model, Path(adapter))
+            adapter_dir = resolve_model_ref(str(adapter), allow_download=allow_download)
+            model = _apply_adapter(model, adapter_dir)
         tokenizer = _load_tokenizer(directory)
         return cls(model.to(torch_device), tokenizer, name=str(ref))
 
