@@ -45,11 +45,6 @@ def score(lm: LanguageModel, path: Path, name: str, batch_size: int) -> float:
     return result.main_value
 
 
-def source_of(task: str) -> str:
-    package, member = zoo_tasks.SOURCES.get(task, ("mergearena", "a seeded generator"))
-    return f"`{member}` from {package}"
-
-
 def card_markdown(task: str, data: dict) -> str:
     training, validation, settings = (
         data["training"],
@@ -62,7 +57,7 @@ def card_markdown(task: str, data: dict) -> str:
 A PEFT LoRA adapter on `zoo:smollm2-135m` (SmolLM2-135M-Instruct), trained by
 `scripts/train_experts.py` on the `{task}` task's **train** split only.
 
-- data: {source_of(task)}; {training["train_examples"]} train examples,
+- data: {zoo_tasks.TASK_SOURCES[task]}; {training["train_examples"]} train examples,
   {training["epochs"]} epochs
 - trained on {training["device"]} in {training["seconds"]} s; loss {training["loss_first_25"]}
   (first 25 steps) → {training["loss_last_25"]} (last 25)

@@ -189,3 +189,15 @@ def test_eval_takes_a_zoo_adapter_as_the_model_or_as_the_adapter(zoo, tmp_path):
         assert result.exit_code == 0, result.output
         outputs.append(json.loads((out / "scores.json").read_text())["tasks"]["spam"]["main"])
     assert outputs[0] == outputs[1] >= 0.75
+
+
+@pytest.mark.slow
+def test_train_expert_command_trains_on_the_train_split(zoo, tmp_path):
+    out = tmp_path / "expert"
+    result = CliRunner().invoke(
+        app, ["zoo", "train-expert", "spam", "--steps", "2", "--batch-size", "2", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "training.json").read_text())
+    assert record["train_examples"] == len(load_task(task_files("train", ["spam"])[0]).examples)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4

@@ -461,7 +461,8 @@ def zoo_list(
         models.add_column(column)
     for entry in document["models"]:
         models.add_row(entry["ref"], entry["what"], entry["state"])
-    console.print(models)
+    wide = Console(width=max(console.width, 120))
+    wide.print(models)
     tasks = Table(title="zoo tasks")
     for column in ("task", "kind", "source", *document["splits"], "state"):
         tasks.add_column(column, justify="right" if column in document["splits"] else "left")
@@ -473,7 +474,7 @@ def zoo_list(
             *[str(entry["rows"].get(s, "-")) for s in document["splits"]],
             entry["state"],
         )
-    console.print(tasks)
+    wide.print(tasks)
 
 
 @zoo_app.command("train-expert")

@@ -139,8 +139,8 @@ def describe() -> dict[str, Any]:
         task_entries.append(
             {
                 "name": name,
-                "kind": "generation" if name == "arithmetic" else "multiple choice",
-                "source": " ".join(zoo_tasks.SOURCES.get(name, ("mergearena", "seeded generator"))),
+                "kind": zoo_tasks.TASK_KINDS[name].replace("_", " "),
+                "source": zoo_tasks.TASK_SOURCES[name],
                 "rows": rows,
                 "state": "ready" if rows else "run `mergearena zoo prepare`",
             }
