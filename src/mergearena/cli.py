@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from mergearena.errors import MergeArenaError
 
@@ -580,6 +581,223 @@ def _spread_list_options(
     if pending is not None and not got_value:
         result.append(pending)
     return result
+
+
+# ------------------------------------------------------------------------------------------ arena
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db", help="Database URL (default: SQLite in the data directory).", show_default=False
+    ),
+]
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Uploaded files and task files (default: <cache>/arena). Workers need the same one.",
+        show_default=False,
+    ),
+]
+
+
+def _arena_database(db: str | None, data_dir: Path | None):  # noqa: ANN202
+    from mergearena.arena.db import default_database_url, open_database
+    from mergearena.checkpoints.refs import mergearena_cache_dir
+
+    directory = (data_dir or mergearena_cache_dir() / "arena").absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    return open_database(db or default_database_url(directory)), directory
+
+
+@app.command()
+def serve(
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    demo: Annotated[
+        bool,
+        typer.Option("--demo", help="Create a competition over the zoo with scored baselines."),
+    ] = False,
+    organizer_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MERGEARENA_ORGANIZER_TOKEN",
+            help="Token for organizer actions (default: a new one, printed).",
+            show_default=False,
+        ),
+    ] = None,
+    worker: Annotated[
+        bool | None,
+        typer.Option(
+            "--worker/--no-worker",
+            help="Also run a worker in the server process (default: with --demo).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Run the arena's web server: leaderboards, submissions, team and organizer pages, JSON API."""
+    import threading
+
+    import uvicorn
+
+    from mergearena.arena.service import new_token
+    from mergearena.arena.web import ArenaSettings, create_app
+    from mergearena.arena.worker import WorkerSettings, run_worker
+
+    try:
+        sessions, directory = _arena_database(db, data_dir)
+        if demo:
+            from mergearena.arena.demo import seed_demo
+
+            seed_demo(sessions, directory, say=console.print)
+    except MergeArenaError as error:
+        raise _fail(error) from None
+    if organizer_token is None:
+        organizer_token = new_token()
+        console.print(f"organizer token (this run only): {organizer_token}", highlight=False)
+    if worker if worker is not None else demo:
+        settings = WorkerSettings(data_dir=directory)
+        threading.Thread(target=run_worker, args=(sessions, settings), daemon=True).start()
+        console.print("a worker runs in this process")
+    console.print(f"mergearena arena on http://{host}:{port}/  (API docs: /docs)")
+    app_ = create_app(ArenaSettings(sessions, directory, organizer_token))
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def worker(
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Model dtype for evaluation.")] = "bfloat16",
+    until_empty: Annotated[
+        bool, typer.Option("--until-empty", help="Stop when the queue is empty.")
+    ] = False,
+    max_jobs: Annotated[int | None, typer.Option(help="Stop after this many jobs.")] = None,
+    lease_seconds: Annotated[float, typer.Option(help="Lease length; renewed while running.")] = 60,
+) -> None:
+    """Claim queued submissions, run them in the sandbox, score them, record the outcome."""
+    from mergearena.arena.worker import WorkerSettings, run_worker
+
+    try:
+        sessions, directory = _arena_database(db, data_dir)
+        settings = WorkerSettings(
+            data_dir=directory, device=device, dtype=dtype, lease_seconds=lease_seconds
+        )
+
+        def report(submission) -> None:  # noqa: ANN001
+            score = "" if submission.average is None else f" average {100 * submission.average:.1f}"
+            console.print(
+                f"submission {submission.id} ({submission.team.name} / {submission.name}): "
+                f"{submission.status}{score}",
+                highlight=False,
+                markup=False,
+            )
+
+        count = run_worker(
+            sessions, settings, max_jobs=max_jobs, until_empty=until_empty, report=report
+        )
+    except MergeArenaError as error:
+        raise _fail(error) from None
+    console.print(f"processed {count} submission(s)")
+
+
+def _api(server: str, method: str, path: str, token: str | None = None, **kwargs):  # noqa: ANN202
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(
+            method, server.rstrip("/") + path, headers=headers, timeout=120, **kwargs
+        )
+    except httpx.HTTPError as error:
+        raise MergeArenaError(f"cannot reach the arena at {server}: {error}") from None
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        raise MergeArenaError(f"the arena refused ({response.status_code}): {detail}")
+    return response.json()
+
+
+ServerOption = Annotated[str, typer.Option("--server", help="The arena's URL.")]
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="A recipe (.yaml) or code (.py, .tar.gz, .zip).")],
+    server: ServerOption = "http://127.0.0.1:8000",
+    token: Annotated[
+        str | None, typer.Option(envvar="MERGEARENA_TOKEN", help="Your team's API token.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Submission name (default: file name).")] = None,
+    competition: Annotated[str | None, typer.Option(help="Competition slug.")] = None,
+    phase: Annotated[str | None, typer.Option(help="Phase (default: the open one).")] = None,
+) -> None:
+    """Upload a submission to an arena server."""
+    try:
+        if not file.is_file():
+            raise MergeArenaError(f"{file}: no such file")
+        data = {
+            k: v for k, v in (("name", name), ("competition", competition), ("phase", phase)) if v
+        }
+        result = _api(
+            server,
+            "POST",
+            "/api/submissions",
+            token,
+            data=data,
+            files={"file": (file.name, file.read_bytes())},
+        )
+    except MergeArenaError as error:
+        raise _fail(error) from None
+    console.print(
+        f"submission {result['id']} ({result['name']}) to {result['competition']} / "
+        f"{result['phase']}: {result['status']}",
+        highlight=False,
+        markup=False,
+    )
+
+
+@app.command()
+def leaderboard(
+    server: ServerOption = "http://127.0.0.1:8000",
+    competition: Annotated[str | None, typer.Option(help="Competition slug.")] = None,
+    phase: Annotated[str | None, typer.Option(help="Phase (default: the open one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Print an arena's leaderboard."""
+    params = {k: v for k, v in (("competition", competition), ("phase", phase)) if v}
+    try:
+        board = _api(server, "GET", "/api/leaderboard", params=params)
+    except MergeArenaError as error:
+        raise _fail(error) from None
+    if as_json:
+        print(json.dumps(board, indent=2))
+        return
+    table = Table(title=f"{board['competition']} / {board['phase']}", min_width=120)
+    for column in ("rank", "submission", "team", "average", *board["tasks"], "submitted (UTC)"):
+        table.add_column(
+            column, justify="right" if column not in ("submission", "team") else "left"
+        )
+
+    def percent(value: float | None) -> str:
+        return "—" if value is None else f"{100 * value:.1f}"
+
+    for row in board["rows"]:
+        table.add_row(
+            "" if row["rank"] is None else str(row["rank"]),
+            # names are untrusted: Text keeps rich from reading them as markup
+            Text(row["name"] + (" (baseline)" if row["baseline"] else "")),
+            Text(row["team"]),
+            percent(row["average"]),
+            *(percent(row["scores"].get(t)) for t in board["tasks"]),
+            row["submitted_at"][:16].replace("T", " "),
+        )
+    console.print(table)
 
 
 def main() -> None:

@@ -26,3 +26,23 @@ class TaskError(MergeArenaError):
 
 class EvaluationError(MergeArenaError):
     """A model cannot be evaluated as asked (an undefined scoring rule, a missing tokenizer...)."""
+
+
+class ArenaError(MergeArenaError):
+    """The competition service refuses a request: the message says why and what to do."""
+
+
+class SubmissionError(ArenaError):
+    """A submission is unacceptable: a bad archive or recipe, a model not allowed, over a limit."""
+
+
+class AuthError(ArenaError):
+    """A missing or wrong API token."""
+
+
+class NotFoundError(ArenaError):
+    """No such competition, phase or submission."""
+
+
+class LimitError(SubmissionError):
+    """A team is over its daily submission limit; the message says when the next slot opens."""

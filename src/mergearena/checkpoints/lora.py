@@ -362,7 +362,7 @@ def write_adapter(
     ``target_modules`` lists full module names, so PEFT adapts exactly these modules.
     ``extra_config`` adds settings such as ``fan_in_fan_out`` or ``task_type``.
     """
-    from safetensors.torch import save_file
+    from mergearena.checkpoints.writer import save_safetensors
 
     out_dir = Path(out_dir)
     if not modules:
@@ -422,6 +422,6 @@ def write_adapter(
     }
     config.update(extra_config or {})
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
+    save_safetensors(tensors, out_dir / ADAPTER_SAFETENSORS)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out_dir

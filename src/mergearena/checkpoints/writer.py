@@ -44,6 +44,17 @@ TOKENIZER_FILES = (
 )
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, **metadata: str) -> None:
+    """``safetensors.torch.save_file`` with the file mode the umask gives (it writes 0600), so
+    other users, such as the arena's sandbox user, can read the cache like any other file."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _shard_name(index: int, count: int) -> str:
     return SAFETENSORS_FILE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 

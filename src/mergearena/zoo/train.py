@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from mergearena.checkpoints.writer import atomic_directory
+from mergearena.checkpoints.writer import atomic_directory, save_safetensors
 from mergearena.evaluation.model import LanguageModel
 from mergearena.evaluation.runner import render_prompt
 from mergearena.evaluation.scoring import encode_choices, encode_prompts
@@ -172,7 +172,7 @@ def _finish_adapter(directory: Path, base_ref: str) -> None:
     as a zoo reference so ``mergearena merge`` and ``eval --adapter`` find it offline."""
     weights_path = directory / ADAPTER_WEIGHTS
     weights = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(weights_path).items()}
-    save_file(weights, weights_path, metadata={"format": "pt"})
+    save_safetensors(weights, weights_path)
     config_path = directory / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base_ref

@@ -1,0 +1,370 @@
+"""Run an untrusted command with limits, inside a bubblewrap (``bwrap``) sandbox.
+
+What the sandbox holds the command to:
+
+- Files: the host's ``/`` read-only, with fresh empty tmpfs over ``/tmp``, ``/var/tmp``, ``/root``,
+  ``/home`` and ``/run`` (where secrets and other users' files live), a minimal ``/dev`` and the
+  pid namespace's own ``/proc``. The caller adds read-only paths (the Python prefix, the model
+  cache), hides paths (an empty tmpfs over a directory; over a file, /dev/null, which cannot
+  be opened on a nodev mount) and gives one writable ``workdir``, bound at its own path so paths
+  in job files mean the same inside and out. Later mounts win: system, private tmpfs,
+  ``readonly``, ``hidden``, ``workdir``.
+- Network: a fresh network namespace holding only loopback, so nothing outside can be reached,
+  the host's loopback services included.
+- Processes: a fresh pid namespace. When the command exits or is killed, every process it
+  started dies with it (the namespace's init is killed and the kernel kills the rest).
+- Privileges: run as root, bwrap makes no user namespace (one mapping root to itself would leave
+  the command owning every file of the host, ``/etc/shadow`` included) but drops to ``nobody``
+  through ``setpriv``, with no capabilities and no_new_privs, before the command starts; the
+  workdir is given to ``nobody`` so it can write there. ``readonly`` paths must be readable by
+  ``nobody``; a directory on the way to one that ``nobody`` cannot enter (``/root``, a 0700
+  ``mkdtemp``) is replaced by an empty tmpfs with only the bound paths inside. Run as another
+  user, bwrap makes a user namespace and the command runs as that user.
+- Resources (``Limits``), set with setrlimit on bwrap and inherited: per-process address space,
+  CPU time and file size, core dumps off, and ``RLIMIT_NPROC``. The kernel counts processes per
+  real uid and exempts root entirely: the process limit binds only because the command runs as
+  ``nobody`` (or as the unprivileged service user, whose own processes then count too).
+
+What it does not do: cgroup limits (total memory or CPU across processes, total pids), seccomp
+syscall filtering, GPU devices (``/dev`` is minimal). ``sandbox=False`` runs the same command
+with the same environment, rlimits, wall limit and output cap but none of the above: the
+command runs as the caller (for root, ``RLIMIT_NPROC`` then does not bind), sees everything,
+and only what stays in its process group is killed at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import selectors
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergearena.errors import ArenaError
+
+SANDBOX_UID = 65534  # nobody (and gid nogroup): who a command runs as when the arena runs as root
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/root", "/home", "/run")  # each a fresh tmpfs inside
+# setpriv becomes nobody with no supplementary groups, no capabilities left anywhere (effective,
+# inheritable, bounding) and no_new_privs, so not even a setuid binary can give root back.
+_SETPRIV_DROP_ROOT = (
+    f"--reuid={SANDBOX_UID}",
+    f"--regid={SANDBOX_UID}",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+    "--no-new-privs",
+)
+_SETPRIV_CAPABILITIES = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")  # what those steps need
+_POLL_SECONDS = 0.05  # how often the command's exit and the wall limit are checked
+_DRAIN_SECONDS = 1.0  # after the command ends, how long its last output may take to arrive
+_READ_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits. Those set with setrlimit apply to each process, not to the tree."""
+
+    wall_seconds: float = 3600  # the whole run, then the process tree is killed
+    cpu_seconds: int | None = None  # RLIMIT_CPU per process: SIGXCPU, then SIGKILL 1 s later
+    # RLIMIT_AS: address space, not resident memory. CUDA reserves huge virtual ranges, so a GPU
+    # run needs None here.
+    memory_bytes: int | None = 8 * 2**30
+    file_bytes: int = 2 * 2**30  # RLIMIT_FSIZE: the largest file a process may write
+    processes: int = 256  # RLIMIT_NPROC: see the module docstring for when it binds
+    output_bytes: int = 1 * 2**20  # stdout and stderr kept: the first and last halves
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """How a run ended. ``status`` is "ok" (exit 0), "failed" (another exit code), "timed_out"
+    (the wall limit) or "killed" (a signal: ``detail`` names it and the limit it suggests)."""
+
+    status: str
+    returncode: int  # the exit code, or -N for signal N in both modes (bwrap reports 128 + N)
+    detail: str  # one line for people, e.g. "killed by SIGXCPU (the CPU limit of 10 s)"
+    output: str  # stdout and stderr interleaved; a note in the middle says what was dropped
+    output_truncated_bytes: int
+    wall_seconds: float
+
+
+@functools.cache
+def sandbox_available() -> str | None:
+    """None if ``run_sandboxed`` can sandbox here, else why not; probes once per process."""
+    if shutil.which("bwrap") is None:
+        return "bubblewrap is not installed (apt-get install bubblewrap)"
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        return "setpriv is missing (apt-get install util-linux), needed to drop root"
+    with tempfile.TemporaryDirectory() as scratch:
+        probe = subprocess.run(
+            _sandbox_argv(["true"], Path(scratch), [], []),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    if probe.returncode != 0:
+        return (
+            f"bubblewrap cannot create a sandbox here ({probe.stderr.strip()}); it needs user "
+            "namespaces enabled, or to run as root"
+        )
+    return None
+
+
+def run_sandboxed(
+    argv: Sequence[str],
+    *,
+    workdir: Path,
+    readonly: Sequence[Path] = (),
+    hidden: Sequence[Path] = (),
+    env: dict[str, str],
+    limits: Limits = Limits(),  # noqa: B008 - frozen, so one shared default is safe
+    sandbox: bool = True,
+) -> SandboxResult:
+    """Run ``argv`` in ``workdir`` with exactly ``env`` as its environment, within ``limits``.
+
+    Output is read as it comes, so a command printing gigabytes neither fills memory nor blocks.
+    When the command exits, whatever it left running is killed; at the wall limit, all of it is.
+    """
+    workdir = Path(workdir).absolute()
+    if sandbox:
+        reason = sandbox_available()
+        if reason is not None:
+            raise ArenaError(
+                f"cannot run {argv[0]} sandboxed: {reason}; fix that, or run it unsandboxed only "
+                "if the competition allows it."
+            )
+        if os.geteuid() == 0:
+            _give_to_sandbox_user(workdir)
+        command = _sandbox_argv(list(argv), workdir, list(readonly), list(hidden))
+    else:
+        command = list(argv)
+
+    start = time.monotonic()
+    process = subprocess.Popen(
+        command,
+        cwd=workdir,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, killed as one
+        preexec_fn=_rlimit_setter(limits),
+    )
+    assert process.stdout is not None
+    output = _Output(limits.output_bytes)
+    timed_out = _pump(process, output, deadline=start + limits.wall_seconds)
+    _kill_group(process.pid)
+    returncode = process.wait()
+    process.stdout.close()
+    wall_seconds = time.monotonic() - start
+
+    if sandbox and returncode > 128 and returncode - 128 in signal.valid_signals():
+        returncode = 128 - returncode  # bwrap turns "killed by signal N" into exit code 128 + N
+    if timed_out:
+        status = "timed_out"
+        detail = f"stopped at the wall-clock limit of {limits.wall_seconds:g} s"
+    elif returncode < 0:
+        status, detail = "killed", _signal_detail(-returncode, limits)
+    else:
+        status, detail = ("ok" if returncode == 0 else "failed"), f"exited with code {returncode}"
+    return SandboxResult(
+        status, returncode, detail, output.text(), output.dropped, round(wall_seconds, 3)
+    )
+
+
+def _sandbox_argv(
+    argv: list[str], workdir: Path, readonly: list[Path], hidden: list[Path]
+) -> list[str]:
+    as_root = os.geteuid() == 0
+    command = [str(shutil.which("bwrap")), "--die-with-parent", "--new-session"]
+    if as_root:
+        # Every namespace but the user one (see the module docstring); keep only the
+        # capabilities setpriv needs to become nobody, which then drops them all.
+        command += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
+        command += ["--unshare-cgroup-try", "--cap-drop", "ALL"]
+        command += [
+            arg for capability in _SETPRIV_CAPABILITIES for arg in ("--cap-add", capability)
+        ]
+    else:
+        command += ["--unshare-all"]
+    command += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for directory in PRIVATE_DIRS:
+        command += ["--perms", "1777", "--tmpfs", directory]  # writable by nobody, like /tmp
+    bound = [path for p in readonly for path in _both_paths(p)]
+    if as_root:
+        for directory in _closed_ancestors([*_both_paths(workdir), *bound]):
+            command += ["--tmpfs", str(directory)]
+    for path in bound:
+        command += [*_mount_point(path), "--ro-bind", str(path), str(path)]
+    for path in hidden:
+        path = Path(path).resolve()
+        if path.is_dir():
+            command += ["--tmpfs", str(path)]
+        elif path.exists():
+            command += ["--ro-bind", "/dev/null", str(path)]
+    for path in _both_paths(workdir):
+        command += [*_mount_point(path), "--bind", str(path), str(path)]
+    command += ["--chdir", str(workdir), "--"]
+    if as_root:
+        command += [str(shutil.which("setpriv")), *_SETPRIV_DROP_ROOT, "--"]
+    return command + argv
+
+
+def _mount_point(path: Path) -> list[str]:
+    """Create the path's ancestors that lie on a tmpfs with mode 0755 (bwrap would make them
+    0700, closed to nobody); for those that exist already this does nothing."""
+    return [arg for ancestor in reversed(path.parents[:-1]) for arg in ("--dir", str(ancestor))]
+
+
+def _both_paths(path: Path) -> list[Path]:
+    """The path as given and as resolved: a symlink to it may lie under a private tmpfs."""
+    given = Path(path).absolute()
+    real = given.resolve()
+    return [given] if real == given else [given, real]
+
+
+def _closed_ancestors(paths: list[Path]) -> list[Path]:
+    """The top directory nobody cannot enter on the way to each path, outside the private dirs.
+
+    Each gets an empty tmpfs so the bound paths inside it can be reached; nobody could not see
+    anything else in it anyway.
+    """
+    closed: list[Path] = []
+    for path in paths:
+        for ancestor in reversed(path.parents):
+            if any(ancestor.is_relative_to(private) for private in PRIVATE_DIRS):
+                break
+            if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                if ancestor not in closed:
+                    closed.append(ancestor)
+                break
+    return closed
+
+
+def _give_to_sandbox_user(workdir: Path) -> None:
+    """Make the workdir tree nobody's, so the command (running as nobody) can write there."""
+    os.lchown(workdir, SANDBOX_UID, SANDBOX_UID)
+    for directory, subdirectories, files in os.walk(workdir):
+        for name in [*subdirectories, *files]:
+            os.lchown(os.path.join(directory, name), SANDBOX_UID, SANDBOX_UID)
+
+
+def _rlimit_setter(limits: Limits) -> Callable[[], None]:
+    """What the child runs between fork and exec: set the limits bwrap and all below inherit."""
+    wanted = {
+        resource.RLIMIT_CORE: 0,
+        resource.RLIMIT_FSIZE: limits.file_bytes,
+        resource.RLIMIT_NPROC: limits.processes,
+    }
+    if limits.memory_bytes is not None:
+        wanted[resource.RLIMIT_AS] = limits.memory_bytes
+
+    def set_limits() -> None:
+        for which, value in wanted.items():
+            _lower_limit(which, value, value)
+        if limits.cpu_seconds is not None:
+            # The soft limit sends SIGXCPU; the hard one, a second later, SIGKILL.
+            _lower_limit(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)
+
+    return set_limits
+
+
+def _lower_limit(which: int, soft: int, hard: int) -> None:
+    """Set a limit, never above the hard limit already in force (an unprivileged caller can't)."""
+    _, current_hard = resource.getrlimit(which)
+    if current_hard != resource.RLIM_INFINITY:
+        soft, hard = min(soft, current_hard), min(hard, current_hard)
+    resource.setrlimit(which, (soft, hard))
+
+
+def _pump(process: subprocess.Popen[bytes], output: _Output, deadline: float) -> bool:
+    """Read output until the command is over; return whether it hit the wall limit.
+
+    The command is over when it exits (anything it left behind is then killed) or at the
+    deadline (all of it is killed). Output still arriving is read for a moment more, until every
+    writer is gone, which the pid namespace guarantees in the sandbox.
+    """
+    assert process.stdout is not None
+    descriptor = process.stdout.fileno()
+    os.set_blocking(descriptor, False)
+    timed_out, end_of_output = False, False
+    stop_at: float | None = None  # set when the command is over: the end of draining
+    with selectors.DefaultSelector() as selector:
+        selector.register(descriptor, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            if stop_at is None:
+                exited = _has_exited(process.pid)
+                if exited or now >= deadline:
+                    timed_out = not exited
+                    _kill_group(process.pid)
+                    stop_at = now + _DRAIN_SECONDS
+            if stop_at is not None and (end_of_output or now >= stop_at):
+                return timed_out
+            if end_of_output:  # closed its output but still running: wait for it
+                time.sleep(_POLL_SECONDS)
+            elif selector.select(timeout=_POLL_SECONDS):
+                chunk = os.read(descriptor, _READ_BYTES)
+                end_of_output = not chunk  # every writer has closed its end
+                output.add(chunk)
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether the child exited, without reaping it: until it is reaped its pid, and so its
+    process group's id, cannot be reused, which makes killing the group safe."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _signal_detail(number: int, limits: Limits) -> str:
+    name = signal.Signals(number).name
+    if number == signal.SIGXCPU:
+        return f"killed by {name} (the CPU limit of {limits.cpu_seconds} s per process)"
+    if number == signal.SIGXFSZ:
+        return f"killed by {name} (the file size limit of {limits.file_bytes} bytes)"
+    return f"killed by {name}"
+
+
+class _Output:
+    """Keep the first and last halves of ``limit`` bytes of output and count the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.head_limit, self.tail_limit = limit - limit // 2, limit // 2
+        self.head, self.tail = bytearray(), bytearray()
+        self.total = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.head_limit - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        if self.tail_limit and chunk:
+            self.tail += chunk
+            if len(self.tail) > 2 * self.tail_limit:  # trim now and then, not on every chunk
+                del self.tail[: -self.tail_limit]
+
+    def _kept_tail(self) -> bytes:
+        return bytes(self.tail[-self.tail_limit :]) if self.tail_limit else b""
+
+    @property
+    def dropped(self) -> int:
+        return self.total - len(self.head) - len(self._kept_tail())
+
+    def text(self) -> str:
+        note = f"\n[... {self.dropped} bytes of output dropped ...]\n" if self.dropped else ""
+        return (bytes(self.head) + note.encode() + self._kept_tail()).decode(errors="replace")

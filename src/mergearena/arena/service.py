@@ -1,0 +1,506 @@
+"""What the arena does, independent of HTTP: competitions, tasks, teams, submissions, leaderboards.
+
+The web app (``arena/web.py``) and the worker (``arena/worker.py``) call these functions with a
+SQLAlchemy session. Every refusal is an ``ArenaError`` whose message says what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from mergearena.arena.db import (
+    BOARD_MODES,
+    PHASE_KINDS,
+    Competition,
+    Phase,
+    PhaseTask,
+    Submission,
+    Team,
+    utcnow,
+)
+from mergearena.errors import (
+    ArenaError,
+    AuthError,
+    LimitError,
+    MergeArenaError,
+    NotFoundError,
+    SubmissionError,
+)
+
+MAX_UPLOAD_BYTES = 32 * 2**20
+RECIPE_SUFFIXES = (".yaml", ".yml")
+CODE_SUFFIXES = (".py", ".tar", ".tar.gz", ".tgz", ".zip")
+TOKEN_PREFIX = "ma_"
+
+
+# ------------------------------------------------------------------------------------- storage
+
+
+def blob_path(data_dir: Path, sha256: str) -> Path:
+    return data_dir / "blobs" / sha256[:2] / sha256
+
+
+def store_blob(data_dir: Path, data: bytes) -> str:
+    """Store ``data`` under its SHA-256 (written to a temporary file, then renamed into place)."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    path = blob_path(data_dir, sha256)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
+            handle.write(data)
+        os.replace(handle.name, path)
+    return sha256
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def _check_name(label: str, name: str, limit: int) -> str:
+    name = " ".join(name.split())
+    if not name:
+        raise ArenaError(f"the {label} is empty; give it a name")
+    if len(name) > limit:
+        raise ArenaError(f"the {label} is {len(name)} characters long; at most {limit} are allowed")
+    if any(not c.isprintable() for c in name):
+        raise ArenaError(f"the {label} {name!r} holds control characters; use printable text")
+    return name
+
+
+def _check_slug(slug: str) -> str:
+    if not slug or len(slug) > 64 or not all(c.isalnum() or c in "-_" for c in slug):
+        raise ArenaError(
+            f"{slug!r} is not a valid identifier: use 1-64 letters, digits, '-' or '_'"
+        )
+    return slug
+
+
+# --------------------------------------------------------------------------------- competitions
+
+
+class CompetitionSpec(BaseModel):
+    """What an organizer sets for a competition (the JSON API takes the same fields)."""
+
+    slug: str
+    name: str
+    rules: str = ""
+    allowed_models: list[str] = Field(default_factory=list)  # references or patterns ("zoo:*")
+    max_parameters: int | None = 8_000_000_000
+    time_limit_seconds: int = 3600
+    memory_limit_bytes: int | None = 16 * 2**30
+    daily_submissions: int = 1
+    mc_rule: str = "loglik"
+    board_mode: str = "best"
+    allow_unsandboxed: bool = False
+
+
+def create_competition(session: Session, spec: CompetitionSpec) -> Competition:
+    from mergearena.evaluation.tasks import MC_RULES
+
+    _check_slug(spec.slug)
+    if session.scalar(select(Competition).where(Competition.slug == spec.slug)):
+        raise ArenaError(f"a competition {spec.slug!r} already exists; choose another slug")
+    if spec.board_mode not in BOARD_MODES:
+        raise ArenaError(f"board mode {spec.board_mode!r} is not one of {', '.join(BOARD_MODES)}")
+    if spec.mc_rule not in MC_RULES:
+        raise ArenaError(f"mc_rule {spec.mc_rule!r} is not one of {', '.join(MC_RULES)}")
+    if spec.daily_submissions < 1 or spec.time_limit_seconds < 1:
+        raise ArenaError("daily_submissions and time_limit_seconds must be at least 1")
+    competition = Competition(
+        slug=spec.slug,
+        name=_check_name("competition name", spec.name, 200),
+        rules=spec.rules,
+        allowed_models=list(spec.allowed_models),
+        max_parameters=spec.max_parameters,
+        time_limit_seconds=spec.time_limit_seconds,
+        memory_limit_bytes=spec.memory_limit_bytes,
+        daily_submissions=spec.daily_submissions,
+        mc_rule=spec.mc_rule,
+        board_mode=spec.board_mode,
+        allow_unsandboxed=spec.allow_unsandboxed,
+    )
+    session.add(competition)
+    session.flush()
+    return competition
+
+
+def get_competition(session: Session, slug: str) -> Competition:
+    competition = session.scalar(select(Competition).where(Competition.slug == slug))
+    if competition is None:
+        known = session.scalars(select(Competition.slug)).all()
+        raise NotFoundError(f"no competition {slug!r}; known: {', '.join(known) or 'none'}")
+    return competition
+
+
+def add_phase(session: Session, competition: Competition, name: str, kind: str) -> Phase:
+    _check_slug(name)
+    if kind not in PHASE_KINDS:
+        raise ArenaError(f"phase kind {kind!r} is not one of {', '.join(PHASE_KINDS)}")
+    if any(p.name == name for p in competition.phases):
+        raise ArenaError(f"{competition.slug} already has a phase {name!r}")
+    phase = Phase(competition=competition, name=name, kind=kind)
+    session.add(phase)
+    session.flush()
+    return phase
+
+
+def get_phase(session: Session, competition: Competition, name: str | None = None) -> Phase:
+    """The named phase, or the first open one (the last one when all are closed)."""
+    if not competition.phases:
+        raise ArenaError(f"{competition.slug} has no phases yet")
+    if name is None:
+        open_phases = [p for p in competition.phases if not p.closed]
+        return (open_phases or competition.phases)[-1 if not open_phases else 0]
+    for phase in competition.phases:
+        if phase.name == name:
+            return phase
+    names = ", ".join(p.name for p in competition.phases)
+    raise NotFoundError(f"{competition.slug} has no phase {name!r}; its phases: {names}")
+
+
+def add_task(
+    session: Session,
+    data_dir: Path,
+    phase: Phase,
+    name: str,
+    content: bytes,
+    sidecar: dict[str, Any] | None = None,
+) -> PhaseTask:
+    """Validate a task file in the harness's format and store it with and without targets."""
+    from mergearena.evaluation.tasks import load_settings, load_task
+
+    _check_slug(name)
+    if any(t.name == name for t in phase.tasks):
+        raise ArenaError(f"phase {phase.name} already has a task {name!r}")
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / f"{name}.csv"
+        path.write_bytes(content)
+        if sidecar is not None:
+            sidecar_path = Path(scratch) / f"{name}.json"
+            sidecar_path.write_text(json.dumps(sidecar))
+            load_settings(sidecar_path)
+        task = load_task(path)
+    if not task.has_targets:
+        raise ArenaError(f"task {name}: every row needs a target; the service keeps them hidden")
+    rows = list(csv.DictReader(io.StringIO(content.decode("utf-8-sig"))))
+    inputs = io.StringIO()
+    columns = [c for c in rows[0] if c.strip() != "target"]
+    writer = csv.DictWriter(inputs, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    record = PhaseTask(
+        phase=phase,
+        name=name,
+        inputs_sha256=store_blob(data_dir, inputs.getvalue().encode()),
+        full_sha256=store_blob(data_dir, content),
+        sidecar=json.dumps(sidecar) if sidecar is not None else None,
+        examples=len(task.examples),
+        main_metric=task.main_metric,
+        targets_public=phase.kind == "validation",
+    )
+    session.add(record)
+    session.flush()
+    return record
+
+
+def close_phase(session: Session, phase: Phase) -> None:
+    """Stop taking submissions; for the final phase this also reveals the scores."""
+    phase.closed = True
+    session.flush()
+
+
+# ---------------------------------------------------------------------------------------- teams
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def register_team(session: Session, name: str, *, baseline: bool = False) -> tuple[Team, str]:
+    """Create a team; returns it with its API token, which is stored only as a hash."""
+    name = _check_name("team name", name, 100)
+    taken = session.scalar(select(Team).where(func.lower(Team.name) == name.lower()))
+    if taken:
+        raise ArenaError(f"a team named {name!r} already exists; choose another name")
+    token = new_token()
+    team = Team(name=name, token_sha256=_hash_token(token), is_baseline=baseline)
+    session.add(team)
+    session.flush()
+    return team, token
+
+
+def rotate_token(session: Session, team: Team) -> str:
+    token = new_token()
+    team.token_sha256 = _hash_token(token)
+    session.flush()
+    return token
+
+
+def team_for_token(session: Session, token: str | None) -> Team:
+    if not token:
+        raise AuthError("no API token given; pass the token your team got at registration")
+    team = session.scalar(select(Team).where(Team.token_sha256 == _hash_token(token.strip())))
+    if team is None:
+        raise AuthError("the API token is not valid; check it, or rotate it from your team page")
+    return team
+
+
+# ---------------------------------------------------------------------------------- submissions
+
+
+def submission_kind(file_name: str) -> str:
+    lower = file_name.lower()
+    if lower.endswith(RECIPE_SUFFIXES):
+        return "recipe"
+    if lower.endswith(CODE_SUFFIXES):
+        return "code"
+    raise SubmissionError(
+        f"{file_name!r}: a submission is a recipe ({', '.join(RECIPE_SUFFIXES)}) or code "
+        f"({', '.join(CODE_SUFFIXES)})"
+    )
+
+
+def model_allowed(competition: Competition, reference: str) -> bool:
+    patterns = competition.allowed_models
+    return not patterns or any(fnmatch.fnmatchcase(reference, p) for p in patterns)
+
+
+def check_recipe(competition: Competition, content: bytes) -> None:
+    """Parse a recipe and check every model it names against the competition's allowlist."""
+    from mergearena.recipe import parse_recipe
+
+    try:
+        text = content.decode("utf-8")
+        recipe = parse_recipe(text)
+    except UnicodeDecodeError:
+        raise SubmissionError("the recipe is not UTF-8 text") from None
+    except MergeArenaError as error:
+        raise SubmissionError(f"the recipe is invalid: {error}") from None
+    names = [e.model for e in recipe.models]
+    names += [s.model for sl in recipe.slices or [] for s in sl.sources]
+    if recipe.base_model:
+        names.append(recipe.base_model)
+    refused = sorted({n for n in names if not model_allowed(competition, n)})
+    if refused:
+        raise SubmissionError(
+            f"the recipe names model(s) this competition does not allow: {', '.join(refused)}; "
+            f"allowed: {', '.join(competition.allowed_models)}"
+        )
+
+
+def check_code(competition: Competition, file_name: str, content: bytes) -> None:
+    """Refuse code nobody can run safely here, and archives that would not extract safely."""
+    from mergearena.arena.safetar import extract_archive
+    from mergearena.arena.sandbox import sandbox_available
+
+    reason = sandbox_available()
+    if reason is not None and not competition.allow_unsandboxed:
+        raise SubmissionError(
+            f"code submissions need a sandbox and this server has none ({reason}); "
+            "submit a recipe instead, or ask the organizer"
+        )
+    if file_name.lower().endswith(".py"):
+        try:
+            compile(content, file_name, "exec")
+        except (SyntaxError, ValueError) as error:
+            raise SubmissionError(f"{file_name}: not valid Python: {error}") from None
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        archive = Path(scratch) / Path(file_name).name
+        archive.write_bytes(content)
+        extract_archive(archive, Path(scratch) / "extracted")
+
+
+def next_slot(now: dt.datetime) -> dt.datetime:
+    """Submission limits count per UTC calendar day: the next slot opens at UTC midnight."""
+    return dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time())
+
+
+def check_daily_limit(session: Session, team: Team, competition: Competition) -> None:
+    now = utcnow()
+    midnight = dt.datetime.combine(now.date(), dt.time())
+    used = session.scalar(
+        select(func.count(Submission.id))
+        .join(Phase, Submission.phase_id == Phase.id)
+        .where(
+            Phase.competition_id == competition.id,
+            Submission.team_id == team.id,
+            Submission.created_at >= midnight,
+        )
+    )
+    if used is not None and used >= competition.daily_submissions:
+        opens = next_slot(now)
+        wait = opens - now
+        hours, rest = divmod(int(wait.total_seconds()), 3600)
+        raise LimitError(
+            f"team {team.name!r} has used its {competition.daily_submissions} submission(s) for "
+            f"{now:%Y-%m-%d} (UTC days); the next slot opens at {opens:%Y-%m-%d %H:%M} UTC, "
+            f"in {hours} h {rest // 60} min"
+        )
+
+
+def submit(
+    session: Session,
+    data_dir: Path,
+    team: Team,
+    phase: Phase,
+    name: str,
+    file_name: str,
+    content: bytes,
+) -> Submission:
+    """Validate and queue a submission: phase open, limits, allowlist, a safe archive."""
+    competition = phase.competition
+    name = _check_name("submission name", name, 200)
+    file_name = Path(file_name.replace("\\", "/")).name or "submission"
+    if phase.closed:
+        raise SubmissionError(f"phase {phase.name} of {competition.slug} is closed")
+    if len(content) > MAX_UPLOAD_BYTES:
+        raise SubmissionError(
+            f"the upload is {len(content)} bytes; at most {MAX_UPLOAD_BYTES} are accepted. "
+            "Submit a recipe or code, not model weights: models are named by reference"
+        )
+    if not team.is_baseline:
+        check_daily_limit(session, team, competition)
+    kind = submission_kind(file_name)
+    if kind == "recipe":
+        check_recipe(competition, content)
+    else:
+        check_code(competition, file_name, content)
+    submission = Submission(
+        phase=phase,
+        team=team,
+        name=name,
+        kind=kind,
+        file_name=file_name,
+        file_sha256=store_blob(data_dir, content),
+    )
+    session.add(submission)
+    session.flush()
+    return submission
+
+
+def rerun(session: Session, submission: Submission) -> None:
+    """Queue a submission again from scratch (organizer action)."""
+    submission.status = "queued"
+    submission.attempts = 0
+    submission.lease_owner = submission.lease_expires_at = None
+    submission.average = submission.scores = submission.error = None
+    submission.log = ""
+    session.flush()
+
+
+def disqualify(session: Session, submission: Submission, disqualified: bool = True) -> None:
+    submission.disqualified = disqualified
+    session.flush()
+
+
+def team_submissions(session: Session, team: Team) -> list[Submission]:
+    return list(
+        session.scalars(
+            select(Submission)
+            .where(Submission.team_id == team.id)
+            .order_by(Submission.created_at.desc(), Submission.id.desc())
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------- leaderboard
+
+
+@dataclass
+class BoardRow:
+    rank: int | None  # None while the phase hides scores
+    submission_id: int
+    name: str
+    team: str
+    baseline: bool
+    average: float | None  # None while the phase hides scores
+    scores: dict[str, float | None]
+    submitted_at: dt.datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "submission_id": self.submission_id,
+            "name": self.name,
+            "team": self.team,
+            "baseline": self.baseline,
+            "average": self.average,
+            "scores": self.scores,
+            "submitted_at": self.submitted_at.isoformat() + "Z",
+        }
+
+
+def leaderboard(session: Session, phase: Phase, mode: str | None = None) -> list[BoardRow]:
+    """One row per team (its best or latest scored submission) and every baseline, ranked by
+    the average of the tasks' main metrics; ties go to the earlier submission."""
+    mode = mode or phase.competition.board_mode
+    if mode not in BOARD_MODES:
+        raise ArenaError(f"board mode {mode!r} is not one of {', '.join(BOARD_MODES)}")
+    # Pick each team's row in the database (a window function, SQLite and PostgreSQL alike), so
+    # a board over many thousands of submissions loads one row per team. A baseline is its own
+    # "team": every baseline submission keeps its row.
+    order = (
+        (Submission.average.desc().nulls_last(), Submission.created_at, Submission.id)
+        if mode == "best"
+        else (Submission.created_at.desc(), Submission.id.desc())
+    )
+    entrant = case((Team.is_baseline, -Submission.id), else_=Submission.team_id)
+    numbered = (
+        select(
+            Submission.id,
+            Submission.name,
+            Submission.average,
+            Submission.scores,
+            Submission.created_at,
+            Team.name.label("team"),
+            Team.is_baseline,
+            func.row_number().over(partition_by=entrant, order_by=order).label("position"),
+        )
+        .join(Team, Submission.team_id == Team.id)
+        .where(
+            Submission.phase_id == phase.id,
+            Submission.status == "scored",
+            Submission.disqualified.is_(False),
+        )
+        .subquery()
+    )
+    chosen = session.execute(select(numbered).where(numbered.c.position == 1)).all()
+    visible = phase.scores_visible
+    # While a phase hides its scores the order would give them away: list by time, unranked.
+    ranked = sorted(
+        chosen,
+        key=lambda s: ((-(s.average or 0),) if visible else ()) + (s.created_at, s.id),
+    )
+    task_names = [t.name for t in phase.tasks]
+    return [
+        BoardRow(
+            rank=rank if visible else None,
+            submission_id=s.id,
+            name=s.name,
+            team=s.team,
+            baseline=s.is_baseline,
+            average=s.average if visible else None,
+            scores={t: (s.scores or {}).get(t) if visible else None for t in task_names},
+            submitted_at=s.created_at,
+        )
+        for rank, s in enumerate(ranked, start=1)
+    ]

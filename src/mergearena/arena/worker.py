@@ -1,0 +1,281 @@
+"""`mergearena worker`: claim a submission, run it in the sandbox, score it, record the outcome.
+
+A job runs in its own directory with two halves: ``work/`` is all the sandbox sees (the task inputs,
+the submission, its outputs); ``targets/`` holds the full task files for scoring and is never
+mounted. The arena's data directory is hidden from the sandbox too. While a job runs, a thread
+renews its lease; if this process dies, the lease runs out and another worker retries the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from mergearena.arena import queue
+from mergearena.arena.db import Submission
+from mergearena.arena.scoring import score_task
+from mergearena.arena.service import blob_path
+from mergearena.errors import MergeArenaError
+
+LOG_EXCERPT_CHARS = 8000
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class WorkerSettings:
+    data_dir: Path
+    scratch_dir: Path | None = None  # where job directories go; the system temp dir by default
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    batch_size: str = "auto"
+    lease_seconds: float = 60.0
+    poll_seconds: float = 2.0
+    worker_id: str = field(default_factory=_default_worker_id)
+    readonly: tuple[Path, ...] = ()  # more paths the runner needs to read (a model cache)
+
+
+@dataclass
+class JobOutcome:
+    status: str
+    log: str
+    scores: dict[str, float] | None = None
+    average: float | None = None
+    error: str | None = None
+
+
+def _excerpt(text: str) -> str:
+    if len(text) <= LOG_EXCERPT_CHARS:
+        return text
+    half = LOG_EXCERPT_CHARS // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters left out ...]\n{text[-half:]}"
+
+
+def _python_paths() -> list[Path]:
+    """What the runner's interpreter and its packages need to be readable in the sandbox."""
+    import mergearena
+
+    paths = {Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(sys.executable)).parent}
+    paths.add(Path(mergearena.__file__).resolve().parent.parent)  # src/ of an editable install
+    return sorted(p for p in paths if p.exists())
+
+
+def _write_job(session: Session, settings: WorkerSettings, submission: Submission, root: Path):
+    """Lay out work/ (what the sandbox sees) and targets/ (what only the scorer reads)."""
+    from mergearena.arena.safetar import extract_archive
+
+    work, targets = root / "work", root / "targets"
+    (work / "tasks").mkdir(parents=True)
+    targets.mkdir()
+    task_paths = []
+    for task in submission.phase.tasks:
+        inputs = work / "tasks" / f"{task.name}.csv"
+        shutil.copyfile(blob_path(settings.data_dir, task.inputs_sha256), inputs)
+        shutil.copyfile(blob_path(settings.data_dir, task.full_sha256), targets / inputs.name)
+        if task.sidecar is not None:
+            for directory in (work / "tasks", targets):
+                (directory / f"{task.name}.json").write_text(task.sidecar)
+        task_paths.append(inputs)
+    upload = blob_path(settings.data_dir, submission.file_sha256)
+    name = submission.file_name
+    if submission.kind == "recipe" or name.endswith(".py"):
+        (work / "submission").mkdir()
+        entry = work / "submission" / ("recipe.yaml" if submission.kind == "recipe" else name)
+        shutil.copyfile(upload, entry)
+    else:
+        archive = root / name
+        shutil.copyfile(upload, archive)
+        entry = work / "submission"
+        extract_archive(archive, entry)
+    competition = submission.phase.competition
+    spec = {
+        "kind": submission.kind,
+        "submission": str(entry),
+        "tasks": [str(p) for p in task_paths],
+        "out": str(work / "out"),
+        "allowed_models": list(competition.allowed_models),
+        "max_parameters": competition.max_parameters,
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "batch_size": settings.batch_size,
+        "mc_rule": competition.mc_rule,
+    }
+    job = work / "job.json"
+    job.write_text(json.dumps(spec, indent=2))
+    return job, work, targets
+
+
+def _materialize_recipe_models(spec_path: Path) -> None:
+    """Full-weight zoo experts are built on first use into the cache, which the sandbox sees
+    read-only: build the ones a recipe names here, before the run (no submission code runs)."""
+    from mergearena.checkpoints.refs import resolve_model_ref
+    from mergearena.recipe import parse_recipe
+
+    spec = json.loads(spec_path.read_text())
+    recipe = parse_recipe(Path(spec["submission"]).read_text())
+    for reference in {e.model for e in recipe.models} | {recipe.base_model or ""} - {""}:
+        resolve_model_ref(reference)
+
+
+def run_job(session: Session, settings: WorkerSettings, submission: Submission) -> JobOutcome:
+    """Run one claimed submission to an outcome; never raises for a submission's own fault."""
+    from mergearena.arena.sandbox import Limits, run_sandboxed, sandbox_available
+    from mergearena.evaluation.tasks import load_task
+
+    competition = submission.phase.competition
+    scratch = settings.scratch_dir or Path(tempfile.gettempdir())
+    scratch.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f"mergearena-job-{submission.id}-", dir=scratch))
+    try:
+        try:
+            job, work, targets = _write_job(session, settings, submission, root)
+            if submission.kind == "recipe":
+                _materialize_recipe_models(job)
+            session.commit()  # hold no transaction open for the length of the run
+        except MergeArenaError as error:
+            return JobOutcome("failed", str(error), error=str(error))
+        reason = sandbox_available()
+        if reason is not None and submission.kind == "code" and not competition.allow_unsandboxed:
+            message = f"code submissions need a sandbox, and this worker has none: {reason}"
+            return JobOutcome("failed", message, error=message)
+        from mergearena.checkpoints.refs import mergearena_cache_dir
+
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(work),
+            "TMPDIR": str(work),
+            "MERGEARENA_CACHE": str(mergearena_cache_dir()),
+            "HF_HOME": str(Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface"))),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",  # a run killed at the time limit keeps its last lines
+            "LANG": "C.UTF-8",
+        }
+        for name in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES"):
+            if name in os.environ:
+                env[name] = os.environ[name]
+        # Models the competition allows by path must be readable; the zoo lives in the cache.
+        allowed_paths = [Path(m) for m in competition.allowed_models if Path(m).is_absolute()]
+        readonly = [
+            *_python_paths(),
+            mergearena_cache_dir(),
+            Path(env["HF_HOME"]),
+            *allowed_paths,
+        ]
+        result = run_sandboxed(
+            [sys.executable, "-m", "mergearena.arena.runner", str(job)],
+            workdir=work,
+            readonly=[p for p in [*readonly, *settings.readonly] if p.exists()],
+            hidden=[settings.data_dir.absolute(), targets],
+            env=env,
+            limits=Limits(
+                wall_seconds=competition.time_limit_seconds,
+                memory_bytes=competition.memory_limit_bytes,
+            ),
+            sandbox=reason is None,
+        )
+        log = _excerpt(result.output)
+        if result.status == "timed_out":
+            message = f"stopped at the time limit of {competition.time_limit_seconds} s"
+            return JobOutcome("timed_out", log, error=message)
+        if result.returncode != 0:
+            return JobOutcome("failed", log, error=f"the run exited with code {result.returncode}")
+        scores: dict[str, float] = {}
+        notes = []
+        for task in submission.phase.tasks:
+            full = load_task(targets / f"{task.name}.csv")
+            score = score_task(full, work / "out" / "predictions" / f"{task.name}.csv")
+            scores[task.name] = score.value
+            notes += score.problems
+        average = sum(scores.values()) / len(scores) if scores else None
+        if notes:
+            log = _excerpt(log + "\n" + "\n".join(notes))
+        return JobOutcome("scored", log, scores=scores, average=average)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class _LeaseKeeper(threading.Thread):
+    """Renews a job's lease every third of its length until stopped."""
+
+    def __init__(self, sessions: sessionmaker, submission_id: int, settings: WorkerSettings):
+        super().__init__(daemon=True)
+        self.sessions, self.submission_id, self.settings = sessions, submission_id, settings
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.lease_seconds / 3):
+            with self.sessions() as session:
+                queue.renew(
+                    session,
+                    self.submission_id,
+                    self.settings.worker_id,
+                    self.settings.lease_seconds,
+                )
+
+
+def work_once(sessions: sessionmaker, settings: WorkerSettings) -> Submission | None:
+    """Claim and process one job; returns it (as recorded), or None if the queue was empty."""
+    with sessions() as session:
+        submission = queue.claim(session, settings.worker_id, settings.lease_seconds)
+        if submission is None:
+            return None
+        keeper = _LeaseKeeper(sessions, submission.id, settings)
+        keeper.start()
+        try:
+            outcome = run_job(session, settings, submission)
+        except Exception as error:  # a bug of ours: record it rather than lose the job
+            outcome = JobOutcome("failed", repr(error), error=f"internal error: {error!r}")
+        finally:
+            keeper.stopped.set()
+            keeper.join()
+        queue.finish(
+            session,
+            submission.id,
+            settings.worker_id,
+            status=outcome.status,
+            log=outcome.log,
+            scores=outcome.scores,
+            average=outcome.average,
+            error=outcome.error,
+        )
+        session.expire_all()
+        return session.get(Submission, submission.id)
+
+
+def run_worker(
+    sessions: sessionmaker,
+    settings: WorkerSettings,
+    *,
+    max_jobs: int | None = None,
+    until_empty: bool = False,
+    report: Any = None,
+) -> int:
+    """Process jobs until ``max_jobs`` are done, or the queue is empty with ``until_empty``,
+    else forever (polling). Returns how many jobs were processed."""
+    done = 0
+    while max_jobs is None or done < max_jobs:
+        submission = work_once(sessions, settings)
+        if submission is None:
+            if until_empty:
+                break
+            time.sleep(settings.poll_seconds)
+            continue
+        done += 1
+        if report is not None:
+            report(submission)
+    return done

@@ -1,0 +1,397 @@
+"""The arena's JSON API, pages and queue against a real SQLite file (FastAPI's test client)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, select, text
+
+from mergearena.arena import queue, service
+from mergearena.arena.db import Submission, Team, open_database, utcnow
+from mergearena.arena.web import ArenaSettings, create_app
+
+ORGANIZER = {"Authorization": "Bearer organizer-secret"}
+MC_TASK = (
+    b"id,input,target,answer_choices,eval_type\n"
+    b"1,good film,0,\"['positive', 'negative']\",multiple_choice\n"
+    b"2,bad film,1,\"['positive', 'negative']\",multiple_choice\n"
+)
+RECIPE = b"""merge_method: linear
+models:
+  - model: zoo:sentiment
+    parameters: {weight: 1.0}
+  - model: zoo:spam
+    parameters: {weight: 1.0}
+"""
+
+
+POSTGRES_URL = os.environ.get("MERGEARENA_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param(
+            "postgresql",
+            marks=pytest.mark.skipif(
+                not POSTGRES_URL,
+                reason="set MERGEARENA_TEST_POSTGRES_URL (scripts/start_postgres.sh) to run",
+            ),
+        ),
+    ]
+)
+def database_url(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'arena.db'}"
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as connection:  # every test starts from an empty database
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    return POSTGRES_URL
+
+
+@pytest.fixture()
+def arena(tmp_path: Path, database_url: str):
+    sessions = open_database(database_url)
+    client = TestClient(create_app(ArenaSettings(sessions, tmp_path, "organizer-secret")))
+    created = client.post(
+        "/api/competitions",
+        json={"slug": "demo", "name": "Demo", "allowed_models": ["zoo:*"], "daily_submissions": 2},
+        headers=ORGANIZER,
+    )
+    assert created.status_code == 201, created.text
+    for phase in ("validation", "final"):
+        added = client.post(
+            f"/api/competitions/demo/phases/{phase}/tasks",
+            data={"name": "sentiment"},
+            files={"file": ("sentiment.csv", MC_TASK)},
+            headers=ORGANIZER,
+        )
+        assert added.status_code == 201, added.text
+    return client, sessions
+
+
+def _team(client: TestClient, name: str) -> dict[str, str]:
+    response = client.post("/api/teams", json={"name": name})
+    assert response.status_code == 201, response.text
+    return {"Authorization": f"Bearer {response.json()['token']}"}
+
+
+def _submit(client: TestClient, headers: dict, name: str = "mine", content: bytes = RECIPE, **form):
+    return client.post(
+        "/api/submissions",
+        data={"name": name, **form},
+        files={"file": (form.pop("file_name", "recipe.yaml"), content)},
+        headers=headers,
+    )
+
+
+def _score(sessions, submission_id: int, average: float, created: dt.datetime | None = None):
+    with sessions() as session:
+        submission = session.get(Submission, submission_id)
+        submission.status, submission.average = "scored", average
+        submission.scores = {"sentiment": average}
+        if created is not None:
+            submission.created_at = created
+        session.commit()
+
+
+def test_schema_is_migrated_and_sqlite_uses_wal(database_url: str) -> None:
+    sessions = open_database(database_url)
+    open_database(database_url)  # a second open finds the schema current
+    with sessions() as session:
+        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        if database_url.startswith("sqlite"):
+            assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_organizer_actions_need_the_organizer_token(arena) -> None:
+    client, _ = arena
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = client.post(
+            "/api/competitions", json={"slug": "x", "name": "X"}, headers=headers
+        )
+        assert response.status_code == 401
+        assert "organizer token" in response.json()["detail"]
+
+
+def test_task_targets_are_stored_apart_from_inputs(arena, tmp_path: Path) -> None:
+    client, sessions = arena
+    with sessions() as session:
+        competition = service.get_competition(session, "demo")
+        task = competition.phases[0].tasks[0]
+        inputs = service.blob_path(tmp_path, task.inputs_sha256).read_text()
+        assert inputs.splitlines()[0] == "id,input,answer_choices,eval_type"
+        assert service.blob_path(tmp_path, task.full_sha256).read_bytes() == MC_TASK
+
+
+def test_a_task_without_targets_is_refused(arena) -> None:
+    client, _ = arena
+    response = client.post(
+        "/api/competitions/demo/phases/validation/tasks",
+        data={"name": "blind"},
+        files={"file": ("blind.csv", b"id,input,answer_choices,eval_type\n1,x,,generation\n")},
+        headers=ORGANIZER,
+    )
+    assert response.status_code == 400
+    assert "needs a target" in response.json()["detail"]
+
+
+def test_tokens_are_stored_hashed_shown_once_and_rotate(arena) -> None:
+    client, sessions = arena
+    headers = _team(client, "alpha")
+    token = headers["Authorization"].split()[1]
+    with sessions() as session:
+        team = session.scalar(select(Team).where(Team.name == "alpha"))
+        assert token not in team.token_sha256
+    assert client.get("/api/teams/me", headers=headers).json()["team"] == "alpha"
+    rotated = client.post("/api/teams/me/token", headers=headers).json()["token"]
+    assert client.get("/api/teams/me", headers=headers).status_code == 401
+    new = {"Authorization": f"Bearer {rotated}"}
+    assert client.get("/api/teams/me", headers=new).json()["team"] == "alpha"
+
+
+def test_a_team_name_is_taken_once(arena) -> None:
+    client, _ = arena
+    _team(client, "alpha")
+    response = client.post("/api/teams", json={"name": "ALPHA"})
+    assert response.status_code == 400
+    assert "already exists" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer ma_wrong"}])
+def test_submitting_without_a_valid_token_is_refused(arena, headers) -> None:
+    client, sessions = arena
+    response = _submit(client, headers)
+    assert response.status_code == 401
+    with sessions() as session:
+        assert session.scalars(select(Submission)).all() == []
+
+
+def test_a_recipe_is_queued_and_the_upload_stored_by_hash(arena, tmp_path: Path) -> None:
+    client, _ = arena
+    response = _submit(client, _team(client, "alpha"))
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["status"] == "queued" and body["kind"] == "recipe"
+    assert service.blob_path(tmp_path, body["file_sha256"]).read_bytes() == RECIPE
+
+
+def test_a_recipe_naming_a_model_outside_the_allowlist_is_refused(arena) -> None:
+    client, _ = arena
+    recipe = RECIPE.replace(b"zoo:spam", b"meta-llama/Llama-3-8B")
+    response = _submit(client, _team(client, "alpha"), content=recipe)
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert "meta-llama/Llama-3-8B" in detail and "zoo:*" in detail
+
+
+def test_an_invalid_recipe_is_refused_with_the_reason(arena) -> None:
+    client, _ = arena
+    response = _submit(client, _team(client, "alpha"), content=b"merge_method: nosuch\n")
+    assert response.status_code == 400
+    assert "nosuch" in response.json()["detail"]
+
+
+def test_an_oversized_upload_is_refused(arena, monkeypatch) -> None:
+    client, sessions = arena
+    monkeypatch.setattr(service, "MAX_UPLOAD_BYTES", 1000)
+    response = _submit(client, _team(client, "alpha"), content=RECIPE + b"#" * 2000)
+    assert response.status_code == 400
+    assert "over 1000 bytes" in response.json()["detail"]
+    with sessions() as session:
+        assert session.scalars(select(Submission)).all() == []
+
+
+def test_the_daily_limit_names_when_the_next_slot_opens(arena) -> None:
+    client, _ = arena
+    headers = _team(client, "alpha")
+    assert _submit(client, headers, "one").status_code == 201
+    assert _submit(client, headers, "two").status_code == 201
+    response = _submit(client, headers, "three")
+    assert response.status_code == 429
+    tomorrow = (utcnow() + dt.timedelta(days=1)).strftime("%Y-%m-%d")
+    assert f"next slot opens at {tomorrow} 00:00 UTC" in response.json()["detail"]
+    # another team is not affected
+    assert _submit(client, _team(client, "beta"), "one").status_code == 201
+
+
+def test_leaderboard_ranks_by_average_and_breaks_ties_by_time(arena) -> None:
+    client, sessions = arena
+    early = utcnow() - dt.timedelta(hours=2)
+    ids = {}
+    for name in ("alpha", "beta", "gamma"):
+        ids[name] = _submit(client, _team(client, name), name).json()["id"]
+    _score(sessions, ids["alpha"], 0.5, created=early + dt.timedelta(minutes=5))
+    _score(sessions, ids["beta"], 0.5, created=early)
+    _score(sessions, ids["gamma"], 0.9)
+    board = client.get("/api/leaderboard", params={"phase": "validation"}).json()
+    assert [(r["rank"], r["team"]) for r in board["rows"]] == [
+        (1, "gamma"),
+        (2, "beta"),
+        (3, "alpha"),
+    ]
+    assert board["rows"][0]["scores"] == {"sentiment": 0.9}
+
+
+def test_leaderboard_keeps_the_best_or_the_latest_per_team(arena) -> None:
+    client, sessions = arena
+    headers = _team(client, "alpha")
+    first = _submit(client, headers, "first").json()["id"]
+    second = _submit(client, headers, "second").json()["id"]
+    _score(sessions, first, 0.8, created=utcnow() - dt.timedelta(minutes=10))
+    _score(sessions, second, 0.6)
+    best = client.get("/api/leaderboard", params={"mode": "best"}).json()["rows"]
+    latest = client.get("/api/leaderboard", params={"mode": "latest"}).json()["rows"]
+    assert [r["name"] for r in best] == ["first"]
+    assert [r["name"] for r in latest] == ["second"]
+
+
+def test_baselines_are_marked_and_disqualified_submissions_leave_the_board(
+    arena, tmp_path: Path
+) -> None:
+    client, sessions = arena
+    with sessions() as session:
+        team, _ = service.register_team(session, "organizers", baseline=True)
+        phase = service.get_phase(session, service.get_competition(session, "demo"), "validation")
+        baseline = service.submit(session, tmp_path, team, phase, "base", "b.yaml", RECIPE)
+        session.commit()
+    mine = _submit(client, _team(client, "alpha")).json()["id"]
+    _score(sessions, baseline.id, 0.3)
+    _score(sessions, mine, 0.7)
+    rows = client.get("/api/leaderboard").json()["rows"]
+    assert [(r["name"], r["baseline"]) for r in rows] == [("mine", False), ("base", True)]
+    assert client.post(f"/api/submissions/{mine}/disqualify", headers=ORGANIZER).status_code == 200
+    assert [r["name"] for r in client.get("/api/leaderboard").json()["rows"]] == ["base"]
+
+
+def test_the_final_phase_hides_scores_until_closed(arena) -> None:
+    client, sessions = arena
+    mine = _submit(client, _team(client, "alpha"), phase="final").json()["id"]
+    _score(sessions, mine, 0.7)
+    hidden = client.get("/api/leaderboard", params={"phase": "final"}).json()
+    assert hidden["rows"][0]["average"] is None and hidden["rows"][0]["rank"] is None
+    assert "0.7" not in client.get("/c/demo", params={"phase": "final"}).text
+    closed = client.post("/api/competitions/demo/phases/final/close", headers=ORGANIZER)
+    assert closed.status_code == 200
+    shown = client.get("/api/leaderboard", params={"phase": "final"}).json()
+    assert shown["rows"][0]["average"] == 0.7 and shown["rows"][0]["rank"] == 1
+    refused = _submit(client, _team(client, "beta"), phase="final")
+    assert refused.status_code == 400 and "closed" in refused.json()["detail"]
+
+
+def test_rerun_queues_a_submission_again(arena) -> None:
+    client, sessions = arena
+    mine = _submit(client, _team(client, "alpha")).json()["id"]
+    _score(sessions, mine, 0.7)
+    response = client.post(f"/api/submissions/{mine}/rerun", headers=ORGANIZER)
+    assert response.json()["status"] == "queued" and response.json()["average"] is None
+
+
+def test_untrusted_names_are_escaped_on_every_page(arena) -> None:
+    client, sessions = arena
+    evil = "<script>alert(1)</script>"
+    headers = _team(client, evil)
+    mine = _submit(client, headers, name=f"<img src=x onerror=alert(2)>{evil}").json()["id"]
+    _score(sessions, mine, 0.5)
+    with sessions() as session:
+        session.get(Submission, mine).log = evil
+        session.commit()
+    client.cookies.set("mergearena_team", headers["Authorization"].split()[1])
+    client.cookies.set("mergearena_organizer", "organizer-secret")
+    for path in ("/c/demo", "/team", "/admin"):
+        page = client.get(path)
+        assert page.status_code == 200
+        assert "<script>alert" not in page.text and "<img src=x" not in page.text, path
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text, path
+
+
+def test_the_submission_form_queues_and_reports_errors(arena) -> None:
+    client, _ = arena
+    token = _team(client, "alpha")["Authorization"].split()[1]
+    form = {"competition": "demo", "name": "from the form", "token": token}
+    ok = client.post("/submit", data=form, files={"file": ("r.yaml", RECIPE)})
+    assert ok.status_code == 200 and "from the form" in ok.text and "queued" in ok.text
+    bad = client.post("/submit", data={**form, "token": "nope"}, files={"file": ("r.yaml", RECIPE)})
+    assert bad.status_code == 401 and "not valid" in bad.text
+
+
+def test_code_is_refused_when_there_is_no_sandbox(arena, monkeypatch) -> None:
+    from mergearena.arena import sandbox
+
+    client, _ = arena
+    monkeypatch.setattr(sandbox, "sandbox_available", lambda: "bwrap is not installed")
+    response = _submit(
+        client, _team(client, "alpha"), content=b"RECIPE = {}\n", file_name="method.py"
+    )
+    assert response.status_code == 400
+    assert "need a sandbox" in response.json()["detail"]
+
+
+# ------------------------------------------------------------------------------------------ queue
+
+
+def _queue_jobs(sessions, data_dir: Path, count: int) -> list[int]:
+    with sessions() as session:
+        team, _ = service.register_team(session, "loaders", baseline=True)
+        phase = service.get_phase(session, service.get_competition(session, "demo"), "validation")
+        ids = [
+            service.submit(session, data_dir, team, phase, f"job {k}", "r.yaml", RECIPE).id
+            for k in range(count)
+        ]
+        session.commit()
+    return ids
+
+
+def test_concurrent_workers_never_claim_the_same_job(arena, tmp_path: Path) -> None:
+    _, sessions = arena
+    ids = _queue_jobs(sessions, tmp_path, 12)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while True:
+            with sessions() as session:
+                job = queue.claim(session, name, lease_seconds=60)
+            if job is None:
+                return
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=worker, args=(f"w{k}",)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_a_lost_worker_s_job_is_retried_once_then_failed(arena, tmp_path: Path) -> None:
+    _, sessions = arena
+    (job_id,) = _queue_jobs(sessions, tmp_path, 1)
+    with sessions() as session:
+        assert queue.claim(session, "dies", lease_seconds=-1).id == job_id  # lease already over
+        retried = queue.claim(session, "second", lease_seconds=-1)
+        assert retried.id == job_id and retried.attempts == 2
+        # the first worker comes back too late: its result is not recorded
+        assert not queue.finish(session, job_id, "dies", status="scored", log="")
+        assert queue.claim(session, "third", lease_seconds=60) is None
+        session.expire_all()
+        job = session.get(Submission, job_id)
+        assert job.status == "failed" and "lost 2 times" in job.error
+
+
+def test_a_renewed_lease_keeps_the_job(arena, tmp_path: Path) -> None:
+    _, sessions = arena
+    (job_id,) = _queue_jobs(sessions, tmp_path, 1)
+    with sessions() as session:
+        queue.claim(session, "alive", lease_seconds=60)
+        assert queue.renew(session, job_id, "alive", lease_seconds=60)
+        assert not queue.renew(session, job_id, "impostor", lease_seconds=60)
+        assert queue.claim(session, "other", lease_seconds=60) is None
+        assert queue.finish(session, job_id, "alive", status="scored", log="ok", average=0.5)
