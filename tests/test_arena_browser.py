@@ -4,13 +4,11 @@ form, a worker scores it, and the leaderboard page shows it."""
 from __future__ import annotations
 
 import shutil
-import socket
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from conftest import serve_in_thread
 
 from mergearena.arena import service
 from mergearena.arena.db import open_database
@@ -42,16 +40,8 @@ MC = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture()
 def server(tmp_path: Path, make_checkpoint):
-    import uvicorn
-
     base = make_checkpoint("llama", seed=0, name="base")
     for path in base.iterdir():
         path.chmod(0o644)  # the sandbox user reads it
@@ -68,21 +58,10 @@ def server(tmp_path: Path, make_checkpoint):
         service.add_task(session, data_dir, phase, "mc", MC.encode())
         _team, token = service.register_team(session, "browser team")
         session.commit()
-    port = _free_port()
     app = create_app(ArenaSettings(sessions, data_dir, "organizer"))
-    uvicorn_server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uvicorn_server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
     worker = WorkerSettings(data_dir=data_dir, dtype="float32", scratch_dir=tmp_path / "jobs")
-    yield f"http://127.0.0.1:{port}", token, base, lambda: work_once(sessions, worker)
-    uvicorn_server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield url, token, base, lambda: work_once(sessions, worker)
 
 
 def test_a_form_submission_appears_on_the_leaderboard(server, tmp_path: Path) -> None:

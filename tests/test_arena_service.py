@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
+import json
 import os
+import tarfile
 import threading
 from pathlib import Path
 
 import pytest
+from conftest import serve_in_thread
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select, text
 
@@ -395,3 +399,51 @@ def test_a_renewed_lease_keeps_the_job(arena, tmp_path: Path) -> None:
         assert not queue.renew(session, job_id, "impostor", lease_seconds=60)
         assert queue.claim(session, "other", lease_seconds=60) is None
         assert queue.finish(session, job_id, "alive", status="scored", log="ok", average=0.5)
+
+
+def test_an_archive_that_would_escape_is_refused_at_upload(arena, monkeypatch) -> None:
+    from mergearena.arena import sandbox
+
+    client, sessions = arena
+    monkeypatch.setattr(sandbox, "sandbox_available", lambda: None)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        info = tarfile.TarInfo("../../etc/evil.py")
+        info.size = 1
+        archive.addfile(info, io.BytesIO(b"x"))
+    response = _submit(
+        client, _team(client, "alpha"), content=buffer.getvalue(), file_name="kit.tar.gz"
+    )
+    assert response.status_code == 400
+    assert "../../etc/evil.py" in response.json()["detail"]
+    with sessions() as session:
+        assert session.scalars(select(Submission)).all() == []
+
+
+def test_submit_and_leaderboard_commands_talk_to_a_live_server(arena, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mergearena.cli import app
+
+    client, sessions = arena
+    token = _team(client, "cli team")["Authorization"].split()[1]
+    recipe = tmp_path / "soup.yaml"
+    recipe.write_bytes(RECIPE)
+    runner = CliRunner()
+    served = create_app(ArenaSettings(sessions, tmp_path, "organizer-secret"))
+    with serve_in_thread(served) as url:
+        common = ["--server", url]
+        sent = runner.invoke(
+            app, ["submit", str(recipe), *common, "--token", token, "--name", "cli"]
+        )
+        assert sent.exit_code == 0, sent.output
+        assert "demo / validation: queued" in sent.output
+        with sessions() as session:
+            submission_id = session.scalars(select(Submission.id)).one()
+        _score(sessions, submission_id, 0.42)
+        board = runner.invoke(app, ["leaderboard", *common, "--json"])
+        assert json.loads(board.output)["rows"][0]["name"] == "cli"
+        table = runner.invoke(app, ["leaderboard", *common])
+        assert "42.0" in table.output and "cli team" in table.output
+        refused = runner.invoke(app, ["submit", str(recipe), *common, "--token", "ma_wrong"])
+        assert refused.exit_code == 2 and "not valid" in refused.output

@@ -24,6 +24,11 @@ console = Console()
 errors = Console(stderr=True)
 
 
+def _print_wide(table: Table) -> None:
+    """Tables of scores stay readable when the terminal (or a pipe) is narrower than they are."""
+    Console(width=max(console.width, 120)).print(table)
+
+
 def _fail(error: Exception) -> typer.Exit:
     errors.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
     return typer.Exit(2)
@@ -66,7 +71,7 @@ def methods(
             "\n".join(parameters) or "-",
             spec.reference,
         )
-    console.print(table)
+    _print_wide(table)
 
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
@@ -403,7 +408,7 @@ def demo(
     for rank, row in enumerate(rows, start=1):
         cells = [f"{100 * row.scores[t]:.1f}" for t in tasks]
         table.add_row(str(rank), row.name, row.kind, *cells, f"[bold]{100 * row.average:.1f}[/]")
-    Console(width=max(console.width, 120)).print(table)
+    _print_wide(table)
     summary = verdict(rows)
     if summary:
         console.print(summary)
@@ -462,8 +467,7 @@ def zoo_list(
         models.add_column(column)
     for entry in document["models"]:
         models.add_row(entry["ref"], entry["what"], entry["state"])
-    wide = Console(width=max(console.width, 120))
-    wide.print(models)
+    _print_wide(models)
     tasks = Table(title="zoo tasks")
     for column in ("task", "kind", "source", *document["splits"], "state"):
         tasks.add_column(column, justify="right" if column in document["splits"] else "left")
@@ -475,7 +479,7 @@ def zoo_list(
             *[str(entry["rows"].get(s, "-")) for s in document["splits"]],
             entry["state"],
         )
-    wide.print(tasks)
+    _print_wide(tasks)
 
 
 @zoo_app.command("train-expert")
@@ -778,7 +782,7 @@ def leaderboard(
     if as_json:
         print(json.dumps(board, indent=2))
         return
-    table = Table(title=f"{board['competition']} / {board['phase']}", min_width=120)
+    table = Table(title=f"{board['competition']} / {board['phase']}")
     for column in ("rank", "submission", "team", "average", *board["tasks"], "submitted (UTC)"):
         table.add_column(
             column, justify="right" if column not in ("submission", "team") else "left"
@@ -797,7 +801,7 @@ def leaderboard(
             *(percent(row["scores"].get(t)) for t in board["tasks"]),
             row["submitted_at"][:16].replace("T", " "),
         )
-    console.print(table)
+    _print_wide(table)
 
 
 def main() -> None:

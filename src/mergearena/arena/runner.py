@@ -24,6 +24,7 @@ traceback); 1 anything else (a traceback on stderr).
 from __future__ import annotations
 
 import csv
+import fnmatch
 import gc
 import importlib.util
 import json
@@ -107,6 +108,16 @@ def count_parameters(path: Path) -> int:
         return sum(info.numel for info in checkpoint.tensors.values())
 
 
+def is_listed(ref: str, allowed_models: Sequence[str]) -> bool:
+    """Whether an allowlist admits ``ref``: empty admits all; an entry is a reference or a glob
+    pattern (``zoo:*``), and a listed hub id admits itself at any revision (``org/name@rev``)."""
+    name = ref.partition("@")[0]
+    return not allowed_models or any(
+        fnmatch.fnmatchcase(ref, allowed) or fnmatch.fnmatchcase(name, allowed)
+        for allowed in allowed_models
+    )
+
+
 @dataclass
 class ModelPolicy:
     """Which models a job may use: ``allowed_models`` (empty: any local model) and
@@ -124,10 +135,7 @@ class ModelPolicy:
     _allowed_paths: set[Path] | None = field(default=None, init=False, repr=False)
 
     def _listed(self, ref: str) -> bool:
-        return not self.allowed_models or any(
-            ref in (allowed, f"{allowed}@{ref.partition('@')[2]}")
-            for allowed in self.allowed_models
-        )
+        return is_listed(ref, self.allowed_models)
 
     def _resolves_to_allowed(self, path: Path) -> bool:
         if self._allowed_paths is None:

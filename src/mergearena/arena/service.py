@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import fnmatch
 import hashlib
 import io
 import json
@@ -278,13 +277,9 @@ def submission_kind(file_name: str) -> str:
     )
 
 
-def model_allowed(competition: Competition, reference: str) -> bool:
-    patterns = competition.allowed_models
-    return not patterns or any(fnmatch.fnmatchcase(reference, p) for p in patterns)
-
-
 def check_recipe(competition: Competition, content: bytes) -> None:
     """Parse a recipe and check every model it names against the competition's allowlist."""
+    from mergearena.arena.runner import is_listed
     from mergearena.recipe import parse_recipe
 
     try:
@@ -298,7 +293,7 @@ def check_recipe(competition: Competition, content: bytes) -> None:
     names += [s.model for sl in recipe.slices or [] for s in sl.sources]
     if recipe.base_model:
         names.append(recipe.base_model)
-    refused = sorted({n for n in names if not model_allowed(competition, n)})
+    refused = sorted({n for n in names if not is_listed(n, competition.allowed_models)})
     if refused:
         raise SubmissionError(
             f"the recipe names model(s) this competition does not allow: {', '.join(refused)}; "

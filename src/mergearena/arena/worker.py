@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from mergearena.arena import queue
-from mergearena.arena.db import Submission
+from mergearena.arena.db import Phase, Submission
 from mergearena.arena.scoring import score_task
 from mergearena.arena.service import blob_path
 from mergearena.errors import MergeArenaError
@@ -254,7 +254,12 @@ def work_once(sessions: sessionmaker, settings: WorkerSettings) -> Submission | 
             error=outcome.error,
         )
         session.expire_all()
-        return session.get(Submission, submission.id)
+        # load what callers read after the session closes
+        loads = [
+            joinedload(Submission.phase).joinedload(Phase.competition),
+            joinedload(Submission.team),
+        ]
+        return session.get(Submission, submission.id, options=loads, populate_existing=True)
 
 
 def run_worker(
