@@ -218,6 +218,9 @@ def prepare_base(*, allow_download: bool = True, force: bool = False, verify: bo
     out = zoo_model_dir(BASE_NAME)
     problem = "rebuild asked for" if force else check_manifest(out, verify=verify)
     if problem is None:
+        for path in out.iterdir():  # caches from before save_safetensors held 0600 weights
+            if not path.stat().st_mode & 0o004:
+                path.chmod(0o644)
         return out
     if out.exists():
         print(f"zoo:{BASE_NAME} at {out}: {problem}; rebuilding it", file=sys.stderr)
