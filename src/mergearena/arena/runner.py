@@ -23,7 +23,6 @@ traceback); 1 anything else (a traceback on stderr).
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import gc
 import importlib.util
@@ -304,14 +303,12 @@ def write_predictions(results: Sequence[Any], directory: Path) -> None:
     Not ``write_outputs`` itself: it also writes one submission.csv for all target-less tasks,
     and refuses tasks whose ids overlap, which hidden tasks may well do.
     """
+    from mergearena.evaluation.runner import write_csv
+
     with atomic_directory(directory, overwrite=True) as temporary:
         for result in results:
-            with (temporary / f"{result.task.name}.csv").open(
-                "w", newline="", encoding="utf-8"
-            ) as handle:
-                writer = csv.writer(handle)
-                writer.writerow(("id", "prediction"))
-                writer.writerows((r.example.id, r.prediction_text) for r in result.examples)
+            rows = [(r.example.id, r.prediction_text) for r in result.examples]
+            write_csv(temporary / f"{result.task.name}.csv", ("id", "prediction"), rows)
 
 
 def _run(spec: JobSpec, out: Path, started: float) -> dict[str, Any]:

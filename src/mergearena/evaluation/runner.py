@@ -293,7 +293,7 @@ def scores_document(results: Sequence[TaskResult], **about: Any) -> dict[str, An
     }
 
 
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -321,7 +321,7 @@ def write_outputs(
         predictions = directory / "predictions"
         predictions.mkdir()
         for result in results:
-            _write_csv(
+            write_csv(
                 predictions / f"{result.task.name}.csv",
                 ("id", "prediction"),
                 [(r.example.id, r.prediction_text) for r in result.examples],
@@ -342,7 +342,7 @@ def write_outputs(
                     }
                     log.write(json.dumps(record, ensure_ascii=False) + "\n")
         if unscored:
-            _write_csv(
+            write_csv(
                 directory / "submission.csv",
                 ("id", "prediction", "dummy_field"),
                 [(e.example.id, e.prediction_text, 0) for r in unscored for e in r.examples],
