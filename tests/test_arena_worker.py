@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from mergearena.arena import queue, service
 from mergearena.arena.db import Submission, open_database
@@ -233,3 +234,15 @@ def test_a_crashing_submission_fails_with_its_log(arena, models) -> None:
     done = run()
     assert done.status == "failed"
     assert "boom from the submission" in done.log
+
+
+@needs_sandbox
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_worker_runs_the_submission_on_the_gpu_in_the_sandbox(arena, models) -> None:
+    submit, _, sessions, data_dir = arena
+    prelude = "import torch\nprint('CUDA INSIDE:', torch.cuda.is_available())\n"
+    submit("gpu.py", _method_file(models, prelude))
+    settings = WorkerSettings(data_dir=data_dir, device="cuda", dtype="float32")
+    done = work_once(sessions, settings)
+    assert done.status == "scored", done.log
+    assert "CUDA INSIDE: True" in done.log

@@ -25,8 +25,11 @@ What the sandbox holds the command to:
   real uid and exempts root entirely: the process limit binds only because the command runs as
   ``nobody`` (or as the unprivileged service user, whose own processes then count too).
 
+GPUs: ``/dev`` is minimal; the caller passes the device files a GPU run needs (``devices``; the
+worker passes ``/dev/nvidia*`` when it runs on CUDA).
+
 What it does not do: cgroup limits (total memory or CPU across processes, total pids), seccomp
-syscall filtering, GPU devices (``/dev`` is minimal). ``sandbox=False`` runs the same command
+syscall filtering. ``sandbox=False`` runs the same command
 with the same environment, rlimits, wall limit and output cap but none of the above: the
 command runs as the caller (for root, ``RLIMIT_NPROC`` then does not bind), sees everything,
 and only what stays in its process group is killed at the end.
@@ -127,11 +130,13 @@ def run_sandboxed(
     env: dict[str, str],
     limits: Limits = Limits(),  # noqa: B008 - frozen, so one shared default is safe
     sandbox: bool = True,
+    devices: Sequence[Path] = (),
 ) -> SandboxResult:
     """Run ``argv`` in ``workdir`` with exactly ``env`` as its environment, within ``limits``.
 
     Output is read as it comes, so a command printing gigabytes neither fills memory nor blocks.
     When the command exits, whatever it left running is killed; at the wall limit, all of it is.
+    ``devices`` are device files passed through into the sandbox's minimal ``/dev`` (a GPU's).
     """
     workdir = Path(workdir).absolute()
     if sandbox:
@@ -143,7 +148,7 @@ def run_sandboxed(
             )
         if os.geteuid() == 0:
             _give_to_sandbox_user(workdir)
-        command = _sandbox_argv(list(argv), workdir, list(readonly), list(hidden))
+        command = _sandbox_argv(list(argv), workdir, list(readonly), list(hidden), list(devices))
     else:
         command = list(argv)
 
@@ -181,7 +186,11 @@ def run_sandboxed(
 
 
 def _sandbox_argv(
-    argv: list[str], workdir: Path, readonly: list[Path], hidden: list[Path]
+    argv: list[str],
+    workdir: Path,
+    readonly: list[Path],
+    hidden: list[Path],
+    devices: list[Path] = [],  # noqa: B006 - never modified
 ) -> list[str]:
     as_root = os.geteuid() == 0
     command = [str(shutil.which("bwrap")), "--die-with-parent", "--new-session"]
@@ -196,6 +205,8 @@ def _sandbox_argv(
     else:
         command += ["--unshare-all"]
     command += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for device in devices:
+        command += ["--dev-bind", str(device), str(device)]
     for directory in PRIVATE_DIRS:
         command += ["--perms", "1777", "--tmpfs", directory]  # writable by nobody, like /tmp
     bound = [path for p in readonly for path in _both_paths(p)]

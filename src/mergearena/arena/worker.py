@@ -70,6 +70,7 @@ def _python_paths() -> list[Path]:
 
     paths = {Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(sys.executable)).parent}
     paths.add(Path(mergearena.__file__).resolve().parent.parent)  # src/ of an editable install
+    paths.update(Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
     return sorted(p for p in paths if p.exists())
 
 
@@ -165,9 +166,13 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
             "PYTHONUNBUFFERED": "1",  # a run killed at the time limit keeps its last lines
             "LANG": "C.UTF-8",
         }
-        for name in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES"):
+        for name in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "PYTHONPATH"):
             if name in os.environ:
                 env[name] = os.environ[name]
+        # A GPU worker passes the NVIDIA device files through; CUDA reserves far more address
+        # space than it uses, so RLIMIT_AS cannot bound its memory (the GPU's own size does).
+        gpu = settings.device.startswith("cuda")
+        devices = sorted(Path("/dev").glob("nvidia*")) if gpu else []
         # Models the competition allows by path must be readable; the zoo lives in the cache.
         allowed_paths = [Path(m) for m in competition.allowed_models if Path(m).is_absolute()]
         readonly = [
@@ -184,9 +189,10 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
             env=env,
             limits=Limits(
                 wall_seconds=competition.time_limit_seconds,
-                memory_bytes=competition.memory_limit_bytes,
+                memory_bytes=None if gpu else competition.memory_limit_bytes,
             ),
             sandbox=reason is None,
+            devices=devices,
         )
         log = _excerpt(result.output)
         if result.status == "timed_out":
