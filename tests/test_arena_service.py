@@ -447,3 +447,30 @@ def test_submit_and_leaderboard_commands_talk_to_a_live_server(arena, tmp_path: 
         assert "42.0" in table.output and "cli team" in table.output
         refused = runner.invoke(app, ["submit", str(recipe), *common, "--token", "ma_wrong"])
         assert refused.exit_code == 2 and "not valid" in refused.output
+
+
+def test_the_organizer_pages_create_a_competition_its_phases_and_tasks(arena) -> None:
+    client, sessions = arena
+    assert "Sign in as organizer" in client.get("/admin").text
+    client.post("/admin", data={"token": "wrong"})
+    assert "Sign in as organizer" in client.get("/admin").text
+    client.post("/admin", data={"token": "organizer-secret"})
+    assert "New competition" in client.get("/admin").text
+    form = {"slug": "second", "name": "Second", "allowed_models": "zoo:* ./local", "rules": "r"}
+    assert client.post("/admin/competitions", data=form).status_code == 200  # after redirect
+    client.post("/admin/phases", data={"competition": "second", "name": "final", "kind": "final"})
+    task = {"competition": "second", "phase": "final", "name": "sentiment"}
+    client.post("/admin/tasks", data=task, files={"file": ("s.csv", MC_TASK)})
+    with sessions() as session:
+        competition = service.get_competition(session, "second")
+        assert competition.allowed_models == ["zoo:*", "./local"]
+        assert [(p.name, p.kind) for p in competition.phases] == [
+            ("validation", "validation"),
+            ("final", "final"),
+        ]
+        final = competition.phases[1]
+        assert [t.name for t in final.tasks] == ["sentiment"] and not final.closed
+        final_id = final.id
+    client.post(f"/admin/phases/{final_id}/close")
+    with sessions() as session:
+        assert service.get_competition(session, "second").phases[1].closed
