@@ -163,7 +163,7 @@ def get_phase(session: Session, competition: Competition, name: str | None = Non
         raise ArenaError(f"{competition.slug} has no phases yet")
     if name is None:
         open_phases = [p for p in competition.phases if not p.closed]
-        return (open_phases or competition.phases)[-1 if not open_phases else 0]
+        return open_phases[0] if open_phases else competition.phases[-1]
     for phase in competition.phases:
         if phase.name == name:
             return phase
