@@ -456,7 +456,14 @@ def test_the_organizer_pages_create_a_competition_its_phases_and_tasks(arena) ->
     assert "Sign in as organizer" in client.get("/admin").text
     client.post("/admin", data={"token": "organizer-secret"})
     assert "New competition" in client.get("/admin").text
-    form = {"slug": "second", "name": "Second", "allowed_models": "zoo:* ./local", "rules": "r"}
+    form = {
+        "slug": "second",
+        "name": "Second",
+        "allowed_models": "zoo:* ./local",
+        "rules": "r",
+        "max_parameters_billions": "0.5",
+        "board_mode": "latest",
+    }
     assert client.post("/admin/competitions", data=form).status_code == 200  # after redirect
     client.post("/admin/phases", data={"competition": "second", "name": "final", "kind": "final"})
     task = {"competition": "second", "phase": "final", "name": "sentiment"}
@@ -464,6 +471,7 @@ def test_the_organizer_pages_create_a_competition_its_phases_and_tasks(arena) ->
     with sessions() as session:
         competition = service.get_competition(session, "second")
         assert competition.allowed_models == ["zoo:*", "./local"]
+        assert competition.max_parameters == 500_000_000 and competition.board_mode == "latest"
         assert [(p.name, p.kind) for p in competition.phases] == [
             ("validation", "validation"),
             ("final", "final"),

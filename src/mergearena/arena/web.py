@@ -22,8 +22,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mergearena.arena import service
-from mergearena.arena.db import PHASE_KINDS, Competition, Phase, Submission, Team
+from mergearena.arena.db import BOARD_MODES, PHASE_KINDS, Competition, Phase, Submission, Team
 from mergearena.errors import ArenaError, AuthError, LimitError, MergeArenaError, NotFoundError
+from mergearena.evaluation.tasks import MC_RULES
 
 TEAM_COOKIE = "mergearena_team"
 ORGANIZER_COOKIE = "mergearena_organizer"
@@ -453,6 +454,8 @@ def create_app(settings: ArenaSettings) -> FastAPI:
             competitions=competitions,
             submissions=submissions,
             phase_kinds=PHASE_KINDS,
+            board_modes=BOARD_MODES,
+            mc_rules=MC_RULES,
         )
 
     @app.post("/admin")
@@ -471,6 +474,11 @@ def create_app(settings: ArenaSettings) -> FastAPI:
         allowed_models: Annotated[str, Form()] = "",
         daily_submissions: Annotated[int, Form()] = 1,
         time_limit_seconds: Annotated[int, Form()] = 3600,
+        max_parameters_billions: Annotated[float | None, Form()] = None,  # empty: no limit
+        memory_limit_gib: Annotated[float | None, Form()] = None,
+        mc_rule: Annotated[str, Form()] = "loglik",
+        board_mode: Annotated[str, Form()] = "best",
+        allow_unsandboxed: Annotated[bool, Form()] = False,
     ) -> RedirectResponse:
         check_organizer(request, None)
         competition = service.create_competition(
@@ -482,6 +490,15 @@ def create_app(settings: ArenaSettings) -> FastAPI:
                 allowed_models=allowed_models.split(),
                 daily_submissions=daily_submissions,
                 time_limit_seconds=time_limit_seconds,
+                max_parameters=(
+                    None if max_parameters_billions is None else int(max_parameters_billions * 1e9)
+                ),
+                memory_limit_bytes=(
+                    None if memory_limit_gib is None else int(memory_limit_gib * 2**30)
+                ),
+                mc_rule=mc_rule,
+                board_mode=board_mode,
+                allow_unsandboxed=allow_unsandboxed,
             ),
         )
         service.add_phase(session, competition, "validation", "validation")
