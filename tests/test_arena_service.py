@@ -114,6 +114,14 @@ def test_schema_is_migrated_and_sqlite_uses_wal(database_url: str) -> None:
             assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
 
 
+def test_the_api_is_documented(arena) -> None:
+    client, _ = arena
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/api/submissions", "/api/leaderboard", "/api/teams", "/api/competitions"):
+        assert path in paths
+    assert client.get("/docs").status_code == 200
+
+
 def test_organizer_actions_need_the_organizer_token(arena) -> None:
     client, _ = arena
     for headers in ({}, {"Authorization": "Bearer wrong"}):

@@ -246,3 +246,18 @@ def test_a_gpu_worker_runs_the_submission_on_the_gpu_in_the_sandbox(arena, model
     done = work_once(sessions, settings)
     assert done.status == "scored", done.log
     assert "CUDA INSIDE: True" in done.log
+
+
+def test_the_worker_command_processes_the_queue(arena, models, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mergearena.cli import app
+
+    submit, _, sessions, data_dir = arena
+    submission_id = submit("recipe.yaml", _recipe(models))
+    database = f"sqlite:///{tmp_path / 'arena.db'}"
+    args = ["worker", "--db", database, "--data-dir", str(data_dir), "--until-empty"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"submission {submission_id} (alpha / recipe.yaml): scored" in result.output
+    assert "processed 1 submission(s)" in result.output
