@@ -114,6 +114,13 @@ def test_schema_is_migrated_and_sqlite_uses_wal(database_url: str) -> None:
             assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
 
 
+def test_a_misspelt_competition_setting_is_refused(arena) -> None:
+    client, _ = arena
+    body = {"slug": "typo", "name": "Typo", "daily_submisions": 3}
+    response = client.post("/api/competitions", json=body, headers=ORGANIZER)
+    assert response.status_code == 422 and "daily_submisions" in response.text
+
+
 def test_the_api_is_documented(arena) -> None:
     client, _ = arena
     paths = client.get("/openapi.json").json()["paths"]

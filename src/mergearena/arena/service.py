@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
@@ -93,6 +93,8 @@ def _check_slug(slug: str) -> str:
 
 class CompetitionSpec(BaseModel):
     """What an organizer sets for a competition (the JSON API takes the same fields)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting fails instead of vanishing
 
     slug: str
     name: str
