@@ -98,7 +98,7 @@ def bench_worker(submissions: int, examples: int) -> None:
     lambdas = [0.3 + 0.1 * k for k in range(submissions)]
     with sessions() as session:
         team, _ = service.register_team(session, "bench", baseline=True)
-        phase = service.get_phase(session, service.get_competition(session, "zoo"), "validation")
+        phase = service.get_phase(service.get_competition(session, "zoo"), "validation")
         experts = ["arithmetic", "question_type", "sentiment", "spam", "subject"]
         for value in lambdas:
             models = "".join(

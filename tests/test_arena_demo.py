@@ -10,6 +10,7 @@ from mergearena.arena import service
 from mergearena.arena.db import open_database
 from mergearena.arena.demo import DEMO_SLUG, seed_demo
 from mergearena.zoo.prepare import tasks_dir
+from mergearena.zoo.tasks import TASK_NAMES
 
 pytestmark = [pytest.mark.zoo, pytest.mark.slow]
 
@@ -27,14 +28,7 @@ def test_the_demo_competition_comes_with_scored_baselines(tmp_path: Path) -> Non
     with sessions() as session:
         competition = service.get_competition(session, DEMO_SLUG)
         assert [p.name for p in competition.phases] == ["validation", "public-test", "final"]
-        assert {t.name for t in competition.phases[0].tasks} == {
-            "sentiment",
-            "question_type",
-            "spam",
-            "arithmetic",
-            "subject",
-            "mmlu",
-        }
+        assert {t.name for t in competition.phases[0].tasks} == set(TASK_NAMES)
         for phase in competition.phases[:2]:
             rows = service.leaderboard(session, phase)
             assert {r.name for r in rows} == {"base model", "task-arithmetic"}, said

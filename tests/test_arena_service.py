@@ -277,7 +277,7 @@ def test_baselines_are_marked_and_disqualified_submissions_leave_the_board(
     client, sessions = arena
     with sessions() as session:
         team, _ = service.register_team(session, "organizers", baseline=True)
-        phase = service.get_phase(session, service.get_competition(session, "demo"), "validation")
+        phase = service.get_phase(service.get_competition(session, "demo"), "validation")
         baseline = service.submit(session, tmp_path, team, phase, "base", "b.yaml", RECIPE)
         session.commit()
     mine = _submit(client, _team(client, "alpha")).json()["id"]
@@ -358,7 +358,7 @@ def test_code_is_refused_when_there_is_no_sandbox(arena, monkeypatch) -> None:
 def _queue_jobs(sessions, data_dir: Path, count: int) -> list[int]:
     with sessions() as session:
         team, _ = service.register_team(session, "loaders", baseline=True)
-        phase = service.get_phase(session, service.get_competition(session, "demo"), "validation")
+        phase = service.get_phase(service.get_competition(session, "demo"), "validation")
         ids = [
             service.submit(session, data_dir, team, phase, f"job {k}", "r.yaml", RECIPE).id
             for k in range(count)

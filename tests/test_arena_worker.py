@@ -64,7 +64,7 @@ def arena(tmp_path: Path, models):
 
     def submit(file_name: str, content: bytes, *, time_limit: int | None = None) -> int:
         with sessions() as session:
-            phase = service.get_phase(session, service.get_competition(session, "tiny"))
+            phase = service.get_phase(service.get_competition(session, "tiny"))
             if time_limit is not None:
                 phase.competition.time_limit_seconds = time_limit
             team = session.query(service.Team).one()

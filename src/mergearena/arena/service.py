@@ -159,7 +159,7 @@ def add_phase(session: Session, competition: Competition, name: str, kind: str) 
     return phase
 
 
-def get_phase(session: Session, competition: Competition, name: str | None = None) -> Phase:
+def get_phase(competition: Competition, name: str | None = None) -> Phase:
     """The named phase, or the first open one (the last one when all are closed)."""
     if not competition.phases:
         raise ArenaError(f"{competition.slug} has no phases yet")

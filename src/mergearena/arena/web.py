@@ -233,7 +233,7 @@ def create_app(settings: ArenaSettings) -> FastAPI:
         authorization: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
         check_organizer(request, authorization)
-        found = service.get_phase(session, service.get_competition(session, slug), phase)
+        found = service.get_phase(service.get_competition(session, slug), phase)
         task = service.add_task(session, settings.data_dir, found, name, await _read_upload(file))
         return {"name": task.name, "examples": task.examples, "main_metric": task.main_metric}
 
@@ -247,7 +247,7 @@ def create_app(settings: ArenaSettings) -> FastAPI:
     ) -> dict[str, Any]:
         check_organizer(request, authorization)
         competition = service.get_competition(session, slug)
-        service.close_phase(session, service.get_phase(session, competition, phase))
+        service.close_phase(session, service.get_phase(competition, phase))
         return _competition_json(competition)
 
     @app.post("/api/teams", status_code=201)
@@ -290,7 +290,7 @@ def create_app(settings: ArenaSettings) -> FastAPI:
     ) -> dict[str, Any]:
         team = team_of(session, request, authorization)
         content = await _read_upload(file)
-        found = service.get_phase(session, _only_competition(session, competition), phase)
+        found = service.get_phase(_only_competition(session, competition), phase)
         file_name = file.filename or "submission"
         submission = service.submit(
             session, settings.data_dir, team, found, name or file_name, file_name, content
@@ -341,7 +341,7 @@ def create_app(settings: ArenaSettings) -> FastAPI:
         phase: str | None = None,
         mode: str | None = None,
     ) -> dict[str, Any]:
-        found = service.get_phase(session, _only_competition(session, competition), phase)
+        found = service.get_phase(_only_competition(session, competition), phase)
         rows = service.leaderboard(session, found, mode)
         return {
             "competition": found.competition.slug,
@@ -365,7 +365,7 @@ def create_app(settings: ArenaSettings) -> FastAPI:
         slug: str, request: Request, session: SessionDep, phase: str | None = None
     ) -> HTMLResponse:
         competition = service.get_competition(session, slug)
-        found = service.get_phase(session, competition, phase)
+        found = service.get_phase(competition, phase)
         rows = service.leaderboard(session, found)
         return page(request, "leaderboard.html", competition=competition, phase=found, rows=rows)
 
@@ -386,9 +386,7 @@ def create_app(settings: ArenaSettings) -> FastAPI:
     ) -> HTMLResponse:
         team = service.team_for_token(session, token or request.cookies.get(TEAM_COOKIE))
         content = await _read_upload(file)
-        found = service.get_phase(
-            session, service.get_competition(session, competition), phase or None
-        )
+        found = service.get_phase(service.get_competition(session, competition), phase or None)
         file_name = file.filename or "submission"
         submission = service.submit(
             session, settings.data_dir, team, found, name or file_name, file_name, content
@@ -526,7 +524,7 @@ def create_app(settings: ArenaSettings) -> FastAPI:
         file: Annotated[UploadFile, File()],
     ) -> RedirectResponse:
         check_organizer(request, None)
-        found = service.get_phase(session, service.get_competition(session, competition), phase)
+        found = service.get_phase(service.get_competition(session, competition), phase)
         service.add_task(session, settings.data_dir, found, name, await _read_upload(file))
         return RedirectResponse("/admin", status_code=303)
 

@@ -74,7 +74,7 @@ def _python_paths() -> list[Path]:
     return sorted(p for p in paths if p.exists())
 
 
-def _write_job(session: Session, settings: WorkerSettings, submission: Submission, root: Path):
+def _write_job(settings: WorkerSettings, submission: Submission, root: Path):
     """Lay out work/ (what the sandbox sees) and targets/ (what only the scorer reads)."""
     from mergearena.arena.safetar import extract_archive
 
@@ -142,7 +142,7 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
     root = Path(tempfile.mkdtemp(prefix=f"mergearena-job-{submission.id}-", dir=scratch))
     try:
         try:
-            job, work, targets = _write_job(session, settings, submission, root)
+            job, work, targets = _write_job(settings, submission, root)
             if submission.kind == "recipe":
                 _materialize_recipe_models(job)
             session.commit()  # hold no transaction open for the length of the run
