@@ -79,6 +79,7 @@ def candidates() -> dict[str, dict]:
             "task_arithmetic", {"lambda": 0.5}, {"weight": 1.0}, boost={"spam": boost}
         )
     found["geometric-median"] = recipe("geometric_median", {"lambda": 1.0}, {"weight": 1.0})
+    found["multislerp"] = recipe("multislerp", {}, {"weight": 1.0})
     return found
 
 

@@ -237,3 +237,24 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def typical_value(parameter: Any) -> Any:
+    """A valid value for a required method parameter, from its declared type and range."""
+    if parameter.kind is bool:
+        return False
+    if parameter.kind is str:
+        assert parameter.choices, f"{parameter.name}: a string parameter without choices"
+        return parameter.choices[0]
+    valid = parameter.range
+    low = None if valid is None else (valid.ge if valid.ge is not None else valid.gt)
+    high = None if valid is None else (valid.le if valid.le is not None else valid.lt)
+    if low is not None and high is not None:
+        value = low + 0.3 * (high - low)  # not the midpoint: 0.5·a + 0.5·a is exact by luck
+    elif low is not None:
+        value = low + 1
+    elif high is not None:
+        value = high - 1
+    else:
+        value = 1.0
+    return int(value) if parameter.kind is int else float(value)

@@ -16,6 +16,10 @@ class CheckpointError(MergeArenaError):
     """A checkpoint or adapter cannot be read: missing, corrupt, truncated, unsupported format."""
 
 
+class MergeError(MergeArenaError):
+    """A merge method produced an unusable result (NaN or Inf) from valid inputs."""
+
+
 class ShapeMismatchError(CheckpointError):
     """Inputs disagree on a tensor's presence or shape."""
 

@@ -32,19 +32,25 @@ def weiszfeld_coefficients(
     The median ``z = argmin Σ wᵢ‖δᵢ − z‖`` is approached by
     ``z ← Σ (wᵢ/‖δᵢ − z‖) δᵢ / Σ (wᵢ/‖δᵢ − z‖)`` from the weighted mean. Every iterate is a convex
     combination ``z = Σ βᵢδᵢ``, so the iteration runs on ``β`` with the Gram matrix ``G``:
-    ``‖δᵢ − z‖² = Gᵢᵢ − 2(Gβ)ᵢ + βᵀGβ``. Distances are floored at ``eps`` times the largest
-    ``‖δᵢ‖`` (a point on the median would otherwise divide by zero); it stops when the step
-    ``‖Δz‖ ≤ tol·‖z‖``. Weiszfeld, Tôhoku Math. J. 1937; Vardi & Zhang, PNAS 2000. Returns ``β``.
+    ``‖δᵢ − z‖² = Gᵢᵢ − 2(Gβ)ᵢ + βᵀGβ``. The Gram matrix is first divided by its largest
+    diagonal entry (``β`` does not depend on the scale), so distances are relative to the longest
+    ``δᵢ`` and floored at ``eps`` (a point on the median would otherwise divide by zero); it
+    stops when the step ``‖Δz‖ ≤ tol·‖z‖``. When every ``δᵢ`` is zero, every ``β`` gives the same
+    (zero) median and the weighted mean's ``β`` is returned. Weiszfeld, Tôhoku Math. J. 1937;
+    Vardi & Zhang, PNAS 2000. Returns ``β``.
     """
     weights = weights.to(gram)
-    diagonal = gram.diagonal()
-    floor = eps * max(float(diagonal.max().clamp(min=0).sqrt()), torch.finfo(torch.float64).tiny)
     coefficients = weights / weights.sum()
+    scale = float(gram.diagonal().max())
+    if not scale > 0:
+        return coefficients
+    gram = gram / scale
+    diagonal = gram.diagonal()
     for _ in range(max_iter):
         projections = gram @ coefficients
         squared_norm = coefficients @ projections
         distances = (diagonal - 2 * projections + squared_norm).clamp(min=0).sqrt()
-        inverse = weights / distances.clamp(min=floor)
+        inverse = weights / distances.clamp(min=eps)
         updated = inverse / inverse.sum()
         step = updated - coefficients
         coefficients = updated
@@ -70,6 +76,12 @@ def geometric_median(
     (at most ``max_iter`` steps, stopping at a relative step ``tol``; see
     ``weiszfeld_coefficients``). Creative-track winner of the NeurIPS 2024 LLM Merging Competition
     (Gupta & Gupta, "Model Merging using Geometric Median of Task Vectors"); Weiszfeld 1937.
+
+    Degenerate cases: task vectors that are all zero (models equal to the base, the tensors a
+    LoRA expert does not touch) give the base exactly; one model gives that model; identical task
+    vectors give that vector; a median on one of the points is found without dividing by zero
+    (distances are floored at 1e-8 of the longest task vector). Weights summing to zero are an
+    error.
     """
     weights = per_model(weight, len(tensors), "weight")
     if sum(weights) <= 0:

@@ -32,6 +32,20 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return total
 
 
+def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``Σ wᵢ tᵢ`` for weights summing to 1, as ``t₁ + Σᵢ₌₂ wᵢ (tᵢ − t₁)`` in float32.
+
+    Equal to the weighted sum in exact arithmetic; in floating point, equal inputs (the tensors
+    every fine-tune of one base shares, or that a LoRA expert leaves alone) give ``t₁`` exactly,
+    where ``Σ wᵢ tᵢ`` with weights like 1/3 would round.
+    """
+    total = tensors[0].to(dtype=torch.float32, copy=True)
+    difference = torch.empty_like(total)
+    for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
+        total.add_(difference.copy_(tensor).sub_(tensors[0]), alpha=weight)
+    return total
+
+
 @merge_method("linear", reference="https://arxiv.org/abs/2203.05482")
 def linear(tensors: list[Tensor], *, weight: list[float], normalize: bool = True) -> Tensor:
     """Weighted average of the models' weights (model soup).
@@ -40,15 +54,18 @@ def linear(tensors: list[Tensor], *, weight: list[float], normalize: bool = True
     Wortsman et al., "Model soups", ICML 2022 (arXiv:2203.05482).
     Same as mergekit's ``linear``, except that weights summing to zero with ``normalize`` are an
     error here rather than a tensor of inf/NaN.
+
+    Degenerate cases: with ``normalize``, one model (any weight) and identical models give that
+    model exactly (the average is taken as ``θ₁ + Σ wᵢ(θᵢ − θ₁)/Σw``, see ``weighted_average``);
+    weights summing to zero are an error. Without ``normalize`` the result is the plain sum.
     """
     weights = per_model(weight, len(tensors), "weight")
-    if normalize:
-        weight_sum = sum(weights)
-        if weight_sum == 0:
-            raise ValueError("linear: the weights sum to zero; change them or set normalize: false")
-        # dividing the weights rather than the sum keeps one model (any weight) exactly as it is
-        weights = [w / weight_sum for w in weights]
-    return weighted_sum(tensors, weights)
+    if not normalize:
+        return weighted_sum(tensors, weights)
+    weight_sum = sum(weights)
+    if weight_sum == 0:
+        raise ValueError("linear: the weights sum to zero; change them or set normalize: false")
+    return weighted_average(tensors, [w / weight_sum for w in weights])
 
 
 @merge_method(
@@ -59,6 +76,8 @@ def passthrough(tensors: list[Tensor], *, scale: list[float] = 1.0) -> Tensor:
 
     ``θ = scale · θ₁``; used for layer stacking ("frankenmerges") and to copy tensors as they are.
     Same as mergekit's ``passthrough`` (whose ``scale`` defaults to none, i.e. 1).
+
+    Degenerate cases: none; the tensor is copied (or scaled) as it is.
     """
     (factor,) = per_model(scale, 1, "scale")
     return tensors[0] if factor == 1 else tensors[0].float() * factor

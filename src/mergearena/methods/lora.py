@@ -58,6 +58,9 @@ def lora_concat(factors: list[LoraFactors], *, weight: list[float] = 1.0) -> Lor
     adapter applies exactly the weighted sum of the adapters' updates, whatever their ranks
     (PEFT's ``add_weighted_adapter`` calls this ``cat``). Hu et al., "LoRA", ICLR 2022
     (arXiv:2106.09685).
+
+    Degenerate cases: adapters whose update is zero (PEFT initialises ``B`` to zero) give a zero
+    update; one adapter gives its own update, at rank ``r`` and scale 1.
     """
     up, down = stacked_factors(factors, per_model(weight, len(factors), "weight"))
     return LoraFactors(down=down, up=up, scale=1.0)
@@ -76,6 +79,10 @@ def lora_svd(
     factors, never the out × in matrix), singular values split as square roots between ``up``
     and ``down``; scale 1; rank ``min(rank, Σ rᵢ)``, so with ``rank ≥ Σ rᵢ`` the merge is exact.
     Eckart & Young, Psychometrika 1936; PEFT's ``add_weighted_adapter(combination_type="svd")``.
+
+    Degenerate cases: a zero total update (untrained adapters, or updates that cancel) gives
+    zero factors, not NaN: its singular values are all zero; ranks above ``Σ rᵢ`` are zero
+    columns.
     """
     up, down = stacked_factors(factors, per_model(weight, len(factors), "weight"))
     new_up, new_down = low_rank_svd(up, down, rank)

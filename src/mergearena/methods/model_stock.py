@@ -38,6 +38,11 @@ def model_stock(tensors: list[Tensor], *, base: Tensor, filter_wise: bool = Fals
     the mean pairwise cosine between the offsets ``θᵢ − θ_base`` (``model_stock_ratio``). Per
     tensor, or per row (output filter) with ``filter_wise``. Jang et al., "Model Stock: All we need
     is just a few fine-tuned models", ECCV 2024 (arXiv:2403.19522); same as mergekit's.
+
+    Degenerate cases: task vectors that are all zero (models equal to the base) have cosine 0,
+    so ``t = 0`` and the result is the base exactly; norms' products are floored at 1e-6; where
+    ``1 + (N − 1) cos θ`` vanishes (opposite task vectors) ``t = 0`` and the base is kept, as in
+    mergekit.
     """
     base_rows = base.float()
     if filter_wise:

@@ -15,6 +15,11 @@ them):
 - An argument named ``generator`` (``torch.Generator | None``) marks the method as random; the
   engine passes a generator seeded from the recipe's ``seed`` and the tensor's name.
 
+The docstring's first line is the method's summary, and its paragraph starting "Degenerate cases:"
+says what the method returns where its geometry breaks down (zero task vectors, zero norms,
+parallel or opposite vectors, one model): ``mergearena methods`` prints it, and a method without
+one is listed without it (every built-in method has one; a test checks).
+
 Adapter-space methods (``output="adapter"``) take ``factors: list[LoraFactors]`` instead and return
 ``LoraFactors``: they merge LoRA adapters into one adapter rather than into full weights.
 """
@@ -129,6 +134,7 @@ class MethodSpec:
     max_models: int | None
     parameters: tuple[Parameter, ...]
     random: bool
+    degenerate: str = ""  # the docstring's "Degenerate cases:" paragraph
     output: Literal["tensor", "adapter"] = "tensor"
     aliases: tuple[str, ...] = field(default=())
 
@@ -144,6 +150,7 @@ class MethodSpec:
             "min_models": self.min_models,
             "max_models": self.max_models,
             "random": self.random,
+            "degenerate_cases": self.degenerate,
             "output": self.output,
             "aliases": list(self.aliases),
             "parameters": [p.describe() for p in self.parameters],
@@ -167,6 +174,18 @@ def _scalar_kind(annotation: Any) -> tuple[type, tuple[str, ...] | None]:
     if annotation in (float, int, bool, str):
         return annotation, None
     raise TypeError(f"unsupported parameter annotation {annotation!r}")
+
+
+DEGENERATE_HEADING = "Degenerate cases:"
+
+
+def degenerate_cases(doc: str) -> str:
+    """The docstring paragraph that starts with "Degenerate cases:", joined into one line."""
+    for paragraph in doc.split("\n\n"):
+        text = " ".join(line.strip() for line in paragraph.strip().splitlines())
+        if text.startswith(DEGENERATE_HEADING):
+            return text.removeprefix(DEGENERATE_HEADING).strip()
+    return ""
 
 
 def _is_optional_tensor(annotation: Any) -> bool:
@@ -218,6 +237,7 @@ def merge_method(
                 )
             )
         doc = inspect.getdoc(function) or ""
+        degenerate = degenerate_cases(doc)
         spec = MethodSpec(
             name=name,
             function=function,
@@ -228,6 +248,7 @@ def merge_method(
             max_models=max_models,
             parameters=tuple(parameters),
             random=random,
+            degenerate=degenerate,
             output=output,
             aliases=aliases,
         )

@@ -29,7 +29,8 @@ def slerp_vectors(
 
     ``cos θ = ⟨a/‖a‖, b/‖b‖⟩`` (a norm ≤ eps counts as 1);
     ``slerp = sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b``, and ``(1−t)a + tb`` when
-    ``|cos θ| > dot_threshold`` (near-parallel or antiparallel, where sin θ ≈ 0).
+    ``|cos θ| > dot_threshold`` (near-parallel or antiparallel, where sin θ ≈ 0), computed as
+    ``a + t(b − a)`` so that equal vectors come back bit for bit.
     Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985.
     """
     norm_start = torch.linalg.vector_norm(start)
@@ -38,12 +39,11 @@ def slerp_vectors(
     norm_end = torch.where(norm_end > eps, norm_end, 1)
     dot = (torch.dot(start, end) / (norm_start * norm_end)).clamp(-1, 1)
     if dot.abs() > dot_threshold:
-        coef_start, coef_end = 1 - t, t
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        coef_start = float(torch.sin((1 - t) * theta) / sin_theta)
-        coef_end = float(torch.sin(t * theta) / sin_theta)
+        return torch.sub(end, start).mul_(t).add_(start)
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    coef_start = float(torch.sin((1 - t) * theta) / sin_theta)
+    coef_end = float(torch.sin(t * theta) / sin_theta)
     return (start * coef_start).add_(end, alpha=coef_end)
 
 
@@ -53,6 +53,11 @@ def slerp(tensors: list[Tensor], *, base: Tensor, t: Annotated[float, Range(ge=0
 
     Per tensor, flattened: see ``slerp_vectors``; near-parallel tensors (|cos θ| > 0.9995) are
     interpolated linearly. Same as mergekit's ``slerp`` (Shoemake, SIGGRAPH 1985).
+
+    Degenerate cases: a model equal to the base gives the base exactly, and parallel or opposite
+    tensors (|cos θ| > 0.9995) are interpolated linearly. A tensor of norm below 1e-8 counts as
+    norm 1, so against a zero tensor the angle is π/2: ``sin((1−t)π/2)·a + sin(tπ/2)·b``, as in
+    mergekit.
     """
     start = base.reshape(-1).float()
     end = tensors[0].reshape(-1).float()
@@ -72,6 +77,9 @@ def nearswap(tensors: list[Tensor], *, base: Tensor, t: Annotated[float, Range(g
     base and ``b`` the other model: entries closer than ``t`` are swapped in fully, farther ones
     are pulled towards ``b`` by ``t/|a − b|``. Same as mergekit's ``nearswap`` (alchemonaut,
     QuartetAnemoi-70B, 2024).
+
+    Degenerate cases: equal entries (a model equal to the base) are swapped in, so the result is
+    the base exactly; the distance is floored at 1e-6, so no entry divides by zero.
     """
     start = base.float()
     end = tensors[0].float()
@@ -95,10 +103,18 @@ def multislerp(
     ``m = Σ wᵢuᵢ / ‖Σ wᵢuᵢ‖``, averages there and maps back with the exponential map. The tangent
     average ``Σ wᵢ(uᵢ − ⟨uᵢ,m⟩m) = Σ wᵢuᵢ − ‖Σ wᵢuᵢ‖·m`` is exactly zero, so the result is
     ``θ = θ_base + (Σ wᵢ‖xᵢ‖) · m``: the weighted mean direction at the weighted mean norm, which is
-    what we compute. If ``‖Σ wᵢuᵢ‖ < eps`` (inputs that cancel) two models are averaged linearly,
-    ``w₁x₁ + w₂x₂``; more are an error. Goddard, "Multislerp", 2025.
+    what we compute. Goddard, "Multislerp", 2025.
+
+    Degenerate cases: one model is returned as it is; identical models give that model exactly;
+    task vectors that are all zero (models equal to the base) give the base exactly. Where the
+    weighted directions cancel (``‖Σ wᵢuᵢ‖ < eps``: zero task vectors, or ``a`` and ``−a`` with
+    equal weights) there is no mean direction, and the result is the linear average
+    ``θ_base + Σ wᵢxᵢ`` (zero for zero vectors, the base for a cancelling pair), for any number
+    of models.
     """
     if len(tensors) == 1:
+        return tensors[0]
+    if base is None and _all_equal(tensors):
         return tensors[0]
     weights = per_model(weight, len(tensors), "weight")
     if normalize_weights:
@@ -111,11 +127,6 @@ def multislerp(
         direction.add_(vector, alpha=w / (norm + eps))
     direction_norm = float(torch.linalg.vector_norm(direction))
     if direction_norm < eps:
-        if len(tensors) != 2:
-            raise ValueError(
-                "multislerp: the weighted directions of the models cancel out (e.g. a and -a with "
-                "equal weights); change the weights"
-            )
         direction.zero_()
         for vector, w in zip(vectors, weights, strict=True):
             direction.add_(vector, alpha=w)
@@ -125,6 +136,11 @@ def multislerp(
         result = direction.mul_(mean_norm / direction_norm)
     result = result.view(tensors[0].shape)
     return result if base is None else result.add_(base)
+
+
+def _all_equal(tensors: list[Tensor]) -> bool:
+    """Whether every tensor holds the first one's values (dtypes may differ)."""
+    return all(torch.equal(tensor, tensors[0]) for tensor in tensors[1:])
 
 
 def _offset(tensor: Tensor, base: Tensor | None) -> Tensor:
@@ -194,8 +210,12 @@ def karcher(
     Direction: the point on the unit sphere minimising ``Σ αᵢ d(m, θᵢ/‖θᵢ‖)²`` (geodesic
     distance), found by Riemannian gradient steps; length: ``Σ αᵢ‖θᵢ‖``; ``αᵢ = wᵢ/Σw`` (equal by
     default, as in mergekit, which has no weights). See ``karcher_mean``. Karcher, CPAM 1977.
+
+    Degenerate cases: one model, or identical models, give that model exactly; tensors of norm
+    at most ``tol`` take no part in the direction (all zero: the result is zero); opposite
+    directions, whose mean is undefined, start from the first model's direction.
     """
-    if len(tensors) == 1:
+    if len(tensors) == 1 or _all_equal(tensors):
         return tensors[0]
     weights = per_model(weight, len(tensors), "weight")
     weight_sum = sum(weights)

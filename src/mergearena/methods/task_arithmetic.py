@@ -520,6 +520,11 @@ def task_arithmetic(
     With ``normalize`` the sum is divided by ``Σ wᵢ``. Ilharco et al., "Editing Models with Task
     Arithmetic", ICLR 2023 (arXiv:2212.04089). ``density``, ``rescale`` and ``int8_mask`` are
     accepted for mergekit compatibility and, as there, have no effect.
+
+    Degenerate cases: task vectors that are all zero (models equal to the base, the tensors a LoRA
+    expert does not touch) give the base exactly, whatever the weights; one model gives the base
+    plus its weighted task vector. With ``normalize``, weights summing to less than 1e-8 in
+    magnitude are not divided by (mergekit's guard).
     """
     weights = per_model(weight, len(tensors), "weight")
     return generalized_task_arithmetic(tensors, base, weights, None, None, normalize, lambda_)
@@ -546,6 +551,11 @@ def ties(
     ``normalize``). ``rescale`` restores each trimmed vector's L1 norm. ``int8_mask`` is accepted
     for mergekit compatibility (masks are always one byte here).
     Yadav et al., "TIES-Merging", NeurIPS 2023 (arXiv:2306.01708).
+
+    Degenerate cases: task vectors that are all zero (models equal to the base, the tensors a LoRA
+    expert does not touch) give the base exactly, whatever the weights and densities; one model
+    gives the base plus its trimmed, weighted task vector. An entry where no model agrees with the
+    elected sign (or every task vector is zero) stays at the base; a sign tie elects +1.
     """
     weights = per_model(weight, len(tensors), "weight")
     densities = per_model(density, len(tensors), "density")
@@ -603,6 +613,11 @@ def dare_linear(
     ``cᵢ = ‖δᵢ‖₁ / ‖mᵢ ⊙ δᵢ‖₁``; with ``rescale_mode: inverse_density`` the paper's
     ``cᵢ = 1 / densityᵢ``. Without ``rescale``, ``cᵢ = 1``.
     Yu et al., "Language Models are Super Mario", ICML 2024 (arXiv:2311.03099).
+
+    Degenerate cases: task vectors that are all zero (models equal to the base, the tensors a LoRA
+    expert does not touch) give the base exactly, whatever the weights and densities; one model
+    gives the base plus its randomly dropped, rescaled task vector. A task vector whose L1 norm is
+    below 1e-7 before or after the drop is not rescaled (no division by zero).
     """
     return _dare(
         tensors, base, weight, density, None, normalize, rescale, rescale_mode, lambda_, generator
@@ -630,6 +645,11 @@ def dare_ties(
     ``inverse_density`` the paper's ``1/density``), then merge as ``ties``:
     ``θ = θ_base + λ Σ aᵢδᵢ`` (divided by ``Σ aᵢwᵢ`` with ``normalize``).
     Yu et al., arXiv:2311.03099; Yadav et al., arXiv:2306.01708.
+
+    Degenerate cases: task vectors that are all zero (models equal to the base, the tensors a LoRA
+    expert does not touch) give the base exactly, whatever the weights and densities; one model
+    gives the base plus its randomly dropped, rescaled task vector. No rescale divides by a norm
+    below 1e-7; where no model agrees with the elected sign the entry stays at the base.
     """
     return _dare(
         tensors,
@@ -688,6 +708,11 @@ def breadcrumbs(
     ``Σ wᵢ`` with ``normalize``); ``rescale`` restores each vector's L1 norm. A density of 1
     keeps everything, outliers included (as in mergekit).
     Davari & Belilovsky, "Model Breadcrumbs", ECCV 2024 (arXiv:2312.06795).
+
+    Degenerate cases: task vectors that are all zero (models equal to the base, the tensors a LoRA
+    expert does not touch) give the base exactly, whatever the weights and densities; one model
+    gives the base plus its trimmed task vector. Equal magnitudes at a cut are broken by index, so
+    zero entries never make the kept count exceed ``density·n``.
     """
     return _breadcrumbs(tensors, base, weight, density, gamma, None, normalize, rescale, lambda_)
 
@@ -710,6 +735,11 @@ def breadcrumbs_ties(
 
     Sparsify as ``breadcrumbs``, merge as ``ties``: ``θ = θ_base + λ Σ aᵢδᵢ`` (divided by
     ``Σ aᵢwᵢ`` with ``normalize``). arXiv:2312.06795; arXiv:2306.01708.
+
+    Degenerate cases: task vectors that are all zero (models equal to the base, the tensors a LoRA
+    expert does not touch) give the base exactly, whatever the weights and densities; one model
+    gives the base plus its trimmed task vector. Where no model agrees with the elected sign the
+    entry stays at the base.
     """
     return _breadcrumbs(
         tensors, base, weight, density, gamma, consensus, normalize, rescale, lambda_
@@ -767,6 +797,11 @@ def della(
     each kept entry by its keep probability (the paper). Then merge as ``ties``. Needs
     ``0 < density ± epsilon < 1`` when ``density < 1``.
     Deep et al., "DELLA-Merging", arXiv:2406.11617.
+
+    Degenerate cases: task vectors that are all zero (models equal to the base, the tensors a LoRA
+    expert does not touch) give the base exactly, whatever the weights and densities; one model
+    gives the base plus its randomly dropped task vector. A row of one entry keeps with probability
+    ``density − ε``; ``density ± ε`` outside (0, 1) is an error that names both values.
     """
     return _della(
         tensors,
@@ -802,6 +837,11 @@ def della_linear(
 
     Sparsify as ``della``; ``θ = θ_base + λ Σ wᵢδᵢ`` (divided by ``Σ wᵢ`` with ``normalize``).
     Deep et al., "DELLA-Merging", arXiv:2406.11617.
+
+    Degenerate cases: task vectors that are all zero (models equal to the base, the tensors a LoRA
+    expert does not touch) give the base exactly, whatever the weights and densities; one model
+    gives the base plus its randomly dropped task vector. ``density ± ε`` outside (0, 1) is an error
+    that names both values.
     """
     return _della(
         tensors,
