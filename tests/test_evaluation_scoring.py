@@ -5,6 +5,7 @@ no KV cache, no padding. Llama and GPT-2 models; Llama-style (BOS, EOS-appending
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import TOKENIZER_VOCAB, _tiny_config
 from mergearena.errors import EvaluationError
 from mergearena.evaluation import (
     LanguageModel,
+    StarterKitWarning,
     encode_choices,
     encode_prompts,
     generate,
@@ -105,35 +107,76 @@ def reference_scores(lm: LanguageModel, prompt: str, choices: list[str], rule: s
     return scores
 
 
-def starter_kit_transcription(lm: LanguageModel, prompt: str, choices: list[str]):
-    """The starter kit's decoder `predict_multiple_choice` at batch size 1, as it ships."""
+def kit_tokenizers(lm: LanguageModel):
+    """The kit's (input, target) tokenizer pair as the competition's transformers made it.
+
+    The kit sets ``add_eos_token = True`` on the target copy. In transformers 4.40-4.44 only
+    Llama-family tokenizers honoured it; GPT-2-style ones (SmolLM2's too) appended nothing.
+    transformers 5 honours it everywhere, so for those it is left off here, as it acted then.
+    """
     input_tokenizer = copy.deepcopy(lm.tokenizer)
     target_tokenizer = copy.deepcopy(lm.tokenizer)
+    for tokenizer in (input_tokenizer, target_tokenizer):
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token_id = tokenizer.eos_token_id
     input_tokenizer.padding_side = "left"
     target_tokenizer.padding_side = "right"
     target_tokenizer.add_bos_token = False
-    target_tokenizer.add_eos_token = True
-    inputs = input_tokenizer([prompt], return_tensors="pt", padding="longest")
-    targets = target_tokenizer(choices, return_tensors="pt", padding="longest")
+    if type(lm.tokenizer).__name__.removesuffix("Fast") in ("LlamaTokenizer", "GemmaTokenizer"):
+        target_tokenizer.add_eos_token = True
+    return input_tokenizer, target_tokenizer
+
+
+def kit_predict_multiple_choice(lm: LanguageModel, prompts: list[str], choices: list[list[str]]):
+    """The starter kit's decoder ``predict_multiple_choice`` (llm_merging/model/
+    decoder_functions.py), line for line, on one batch of examples. The kit's own evaluation
+    loop calls it with one example per batch. The prompt cache is repeated with the Cache
+    object's ``batch_repeat_interleave`` where the kit repeats legacy tuples (same tensors).
+    Returns (predicted choice per example, scores per example); raises where the kit raises."""
+    input_tokenizer, target_tokenizer = kit_tokenizers(lm)
+    inputs = input_tokenizer(
+        prompts, return_tensors="pt", padding="longest", truncation="longest_first"
+    )
+    flat = [choice for group in choices for choice in group]
+    targets = target_tokenizer(
+        flat, return_tensors="pt", padding="longest", truncation="longest_first"
+    )
     with torch.no_grad():
-        out = lm.model(
+        output = lm.model(
             input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, use_cache=True
         )
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(len(choices))
-        mask = torch.cat(
-            [inputs.attention_mask.repeat_interleave(len(choices), 0), targets.attention_mask], 1
+        num_answer_choices = targets.input_ids.shape[0] // inputs.attention_mask.shape[0]
+        expanded_input_mask = torch.repeat_interleave(
+            inputs.attention_mask, num_answer_choices, dim=0
         )
+        cache = output.past_key_values
+        cache.batch_repeat_interleave(num_answer_choices)
+        combined_mask = torch.cat([expanded_input_mask, targets.attention_mask], dim=1)
         logits = lm.model(
-            input_ids=targets.input_ids, attention_mask=mask, past_key_values=cache, use_cache=True
+            input_ids=targets.input_ids,
+            attention_mask=combined_mask,
+            past_key_values=cache,
+            use_cache=True,
         ).logits.float()
-    shifted = logits[:, :-1, :]
-    ids, id_mask = targets.input_ids[:, 1:], targets.attention_mask[:, 1:]
-    logprobs = -F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), ids.reshape(-1), reduction="none"
-    ).reshape(ids.shape)
-    scores = (logprobs * id_mask).sum(-1)
-    return int(scores.argmax()), scores.tolist()
+    vocab_size = logits.shape[-1]
+    shifted_logits = logits[..., :-1, :].contiguous()
+    shifted_ids = targets.input_ids[..., 1:].contiguous()
+    shifted_masks = targets.attention_mask[..., 1:].contiguous()
+    max_len = shifted_logits.shape[1]
+    log_probs = -F.cross_entropy(
+        shifted_logits.view(-1, vocab_size), shifted_ids.view(-1), reduction="none"
+    )
+    log_probs = log_probs.reshape(-1, num_answer_choices, max_len)  # fails when max_len is 0
+    masks = shifted_masks.reshape(-1, num_answer_choices, max_len)
+    scores = torch.sum(log_probs * masks, dim=2)
+    _, predicted_choice = torch.max(scores, dim=1)
+    return predicted_choice.tolist(), scores.tolist()
+
+
+def starter_kit_transcription(lm: LanguageModel, prompt: str, choices: list[str]):
+    """The kit's prediction and scores for one example, as its evaluation loop asks."""
+    predictions, scores = kit_predict_multiple_choice(lm, [prompt], [choices])
+    return predictions[0], scores[0]
 
 
 def _batched(lm: LanguageModel, rule: str, batch_size: int):
@@ -187,10 +230,74 @@ def test_starter_kit_rule_skips_the_first_choice_token():
     assert starter[0].scored_tokens == (2, 4, 1)  # tokens 2..n of choice + </s>
 
 
-def test_starter_kit_rule_refuses_one_token_choices_without_eos():
-    lm = tiny_lm("gpt2", "gpt2")
-    with pytest.raises(EvaluationError, match="one token long.*--mc-rule loglik"):
-        encode_choices(lm, CHOICES, "starter-kit", ids=[str(i) for i in range(len(CHOICES))])
+# One-token and longer choices mixed, with a GPT-2-style tokenizer (no EOS): row "r1" ties two
+# one-token choices at 0.0, row "r2" has none, row "r5" puts its one-token choice first.
+MIXED_CHOICES = [
+    ["a way", "the people of my", "no"],
+    ["yes", "the long way", "no"],
+    ["up down", "come get made", "two more water"],
+    ["it", "them that"],
+    ["now", "then two", "first of all"],
+]
+MIXED_IDS = ["r0", "r1", "r2", "r3", "r4"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_starter_kit_rule_equals_the_kit_with_one_token_choices_and_no_eos(kind, batch_size):
+    lm = tiny_lm(kind, "gpt2", seed=3)
+    assert not lm.starter_kit_appends_eos
+    with pytest.warns(StarterKitWarning) as caught:
+        choices = encode_choices(lm, MIXED_CHOICES, "starter-kit", MIXED_IDS, task="mixed")
+    results = score_choices(
+        lm, encode_prompts(lm, PROMPTS), choices, rule="starter-kit", batch_size=batch_size
+    )
+    for prompt, group, result in zip(PROMPTS, MIXED_CHOICES, results, strict=True):
+        prediction, scores = starter_kit_transcription(lm, prompt, group)
+        assert result.scores == pytest.approx(scores, abs=1e-4)
+        assert result.prediction == prediction
+        for choice, score, counted in zip(group, result.scores, result.scored_tokens, strict=True):
+            if len(lm.tokenizer(choice, add_special_tokens=False).input_ids) == 1:
+                assert score == 0.0 and counted == 0  # the empty sum, exactly
+    # Two choices at 0.0: the first wins, as torch.max picks in the kit.
+    assert results[1].scores[0] == results[1].scores[2] == 0.0
+    assert results[1].prediction == starter_kit_transcription(lm, PROMPTS[1], MIXED_CHOICES[1])[0]
+    assert results[1].prediction == 0
+    assert len(caught) == 1  # once for the whole call, naming every row with a 0.0 choice
+    message = str(caught[0].message)
+    assert "task mixed" in message and "'r0', 'r1', 'r3', 'r4'" in message
+    assert "'r2'" not in message
+
+
+def test_starter_kit_rule_refuses_only_where_the_kit_fails():
+    lm = tiny_lm("gpt2", "gpt2", seed=4)
+    prompts, choices = PROMPTS[:2], [["yes", "no"], ["a way", "no"]]
+    # Every choice of the kit's batch (one example in its evaluation loop) is one token long:
+    # nothing is left to score, and the kit's reshape of the empty scores fails.
+    with pytest.raises(RuntimeError, match="cannot reshape tensor of 0 elements"):
+        kit_predict_multiple_choice(lm, prompts[:1], choices[:1])
+    with pytest.raises(EvaluationError) as refused:
+        encode_choices(lm, choices, "starter-kit", ["q1", "q2"], task="yesno")
+    message = str(refused.value)
+    assert "task yesno" in message and "one token long in 1 row(s): 'q1'." in message
+    assert "kit itself fails" in message and "--mc-rule loglik" in message and "'q2'" not in message
+    # Called on both rows at once, the kit has "a way" to score, so it runs; so do we when told
+    # that the kit's batch held both, and we predict what it predicts.
+    kit_predictions, kit_scores = kit_predict_multiple_choice(lm, prompts, choices)
+    with pytest.warns(StarterKitWarning, match="'q1', 'q2'"):
+        encoded = encode_choices(lm, choices, "starter-kit", ["q1", "q2"], kit_batch_size=2)
+    results = score_choices(lm, encode_prompts(lm, prompts), encoded, rule="starter-kit")
+    assert [r.prediction for r in results] == kit_predictions == [0, 1]
+    assert results[0].scores == (0.0, 0.0) and kit_scores[0] == [0.0, 0.0]
+
+
+def test_starter_kit_rule_with_eos_appending_tokenizers_neither_warns_nor_refuses():
+    lm = tiny_lm("llama", "llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoded = encode_choices(lm, [["yes", "no"]], "starter-kit")
+    eos = lm.tokenizer.eos_token_id
+    assert [len(t) for t in encoded[0]] == [2, 2] and {t[-1] for t in encoded[0]} == {eos}
 
 
 def test_prompt_lengths_and_padding_do_not_change_scores():
@@ -205,6 +312,39 @@ def test_unknown_rule_is_an_error():
     lm = tiny_lm("llama", "llama")
     with pytest.raises(EvaluationError, match="not one of loglik, starter-kit"):
         encode_choices(lm, CHOICES, "acc")
+
+
+# Zoo MMLU rows whose choices mix one-token and longer ones under SmolLM2's tokenizer, which
+# appends no EOS; row 0024 has two one-token choices, tied at 0.0.
+ZOO_MIXED_ROWS = ("0001", "0024", "0025", "0051", "0056")
+
+
+@pytest.mark.zoo
+def test_starter_kit_rule_equals_the_kit_on_smollm2():
+    from mergearena.checkpoints.refs import zoo_model_dir
+    from mergearena.evaluation import load_task
+    from mergearena.zoo.base import BASE_NAME, check_manifest
+    from mergearena.zoo.prepare import tasks_dir
+
+    problem = check_manifest(zoo_model_dir(BASE_NAME))
+    task_file = tasks_dir() / "validation" / "mmlu.csv"
+    if problem is not None or not task_file.is_file():
+        pytest.skip(f"the zoo is not prepared ({problem or 'no task files'}); run zoo prepare")
+    lm = LanguageModel.load(f"zoo:{BASE_NAME}")
+    wanted = {f"mmlu-validation-{number}" for number in ZOO_MIXED_ROWS}
+    rows = [e for e in load_task(task_file, limit=60).examples if e.id in wanted]
+    assert len(rows) == len(ZOO_MIXED_ROWS)
+    with pytest.warns(StarterKitWarning, match="5 row"):
+        choices = encode_choices(lm, [e.choices for e in rows], "starter-kit", [e.id for e in rows])
+    prompts = encode_prompts(lm, [e.input for e in rows])
+    results = score_choices(lm, prompts, choices, rule="starter-kit", batch_size=5)
+    for example, result in zip(rows, results, strict=True):
+        prediction, scores = starter_kit_transcription(lm, example.input, list(example.choices))
+        assert result.prediction == prediction, example.id
+        assert result.scores == pytest.approx(scores, abs=1e-3)
+        assert 0.0 in result.scores
+    tied = results[1]
+    assert tied.scores[2] == tied.scores[3] == 0.0 and tied.prediction == 2
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -226,6 +366,20 @@ def test_batched_generation_equals_unbatched_unpadded_generation(kind):
         expected.append(lm.tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True))
     assert batched == expected
     assert any(text for text in batched)
+
+
+def test_generation_stops_at_a_stop_string_and_cuts_it_off():
+    lm = tiny_lm("llama", "llama", seed=1)
+    prompts = encode_prompts(lm, PROMPTS)
+    free = generate(lm, prompts, max_new_tokens=8, batch_size=5)
+    stop = free[0].split()[2]  # a word the first row generates, after two others
+    stopped = generate(lm, prompts, max_new_tokens=8, batch_size=2, stop=[stop, "never seen"])
+    assert stopped == [text[: text.index(stop)] if stop in text else text for text in free]
+    assert stopped[0] and stop not in stopped[0]
+    alone = [generate(lm, [p], max_new_tokens=8, batch_size=1, stop=[stop])[0] for p in prompts]
+    assert alone == stopped
+    with pytest.raises(EvaluationError, match="stop string is empty"):
+        generate(lm, prompts, stop=[""])
 
 
 def test_generation_stops_at_eos():

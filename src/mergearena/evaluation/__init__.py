@@ -7,6 +7,10 @@ Python API::
     results = evaluate(lm, [load_task("cosmos_qa.csv")], mc_rule="loglik", batch_size="auto")
     write_outputs(results, "eval/")        # scores.json, predictions/, samples.jsonl
 
+Strategies: ``mc_rule`` ``letter`` (lettered options, the letter's logit) or ``cot`` (chain of
+thought; ``cot={"max_new_tokens": 128}`` overrides ``CotSettings``), ``fewshot=3`` with
+``fewshot_from="train.csv"`` for few-shot examples (see evaluation/strategies.py).
+
 ``LanguageModel.from_state_dict(base, state_dict)`` scores weights held in memory (a merge
 candidate in a search loop) without writing them to disk.
 """
@@ -23,18 +27,21 @@ from mergearena.evaluation.runner import (
 )
 from mergearena.evaluation.scoring import (
     ChoiceScores,
+    StarterKitWarning,
     encode_choices,
     encode_prompts,
     generate,
     score_choices,
 )
-from mergearena.evaluation.tasks import Example, Task, TaskSettings, load_task
+from mergearena.evaluation.tasks import CotSettings, Example, Task, TaskSettings, load_task
 
 __all__ = [
     "ChoiceScores",
+    "CotSettings",
     "Example",
     "ExampleResult",
     "LanguageModel",
+    "StarterKitWarning",
     "Task",
     "TaskResult",
     "TaskSettings",

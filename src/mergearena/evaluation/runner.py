@@ -7,18 +7,28 @@ import csv
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from mergearena.errors import EvaluationError, TaskError
-from mergearena.evaluation import scoring
+from mergearena.evaluation import scoring, strategies
 from mergearena.evaluation.metrics import generation_metrics
 from mergearena.evaluation.model import LanguageModel
-from mergearena.evaluation.tasks import GENERATION, MC_RULES, MULTIPLE_CHOICE, Example, Task
+from mergearena.evaluation.strategies import Shot
+from mergearena.evaluation.tasks import (
+    GENERATION,
+    MC_RULES,
+    MULTIPLE_CHOICE,
+    CotSettings,
+    Example,
+    Task,
+    load_task,
+)
 
 AUTO_START = {"cpu": 8, "cuda": 64}  # cpu: 8 was fastest for SmolLM2-135M on 2 cores
 
@@ -30,6 +40,8 @@ class ExampleResult:
     prediction: int | str
     scores: tuple[float, ...] | None = None  # multiple choice: each choice's log-probability
     metrics: dict[str, float] = field(default_factory=dict)  # empty without a target
+    generation: str | None = None  # cot: the reasoning generated; prediction -1 if no letter
+    extracted_by: str | None = None  # cot: "pattern", a fallback's name, or None (a miss)
 
     @property
     def prediction_text(self) -> str:
@@ -43,6 +55,9 @@ class TaskResult:
     mc_rule: str
     seconds: float
     batch_size: int
+    fewshot: int = 0  # few-shot examples before each multiple-choice prompt
+    cot: CotSettings | None = None  # the settings used under mc_rule cot
+    empty_choice_rows: list[str] = field(default_factory=list)  # starter-kit rows with 0.0 scores
 
     @property
     def scored(self) -> bool:
@@ -78,6 +93,11 @@ class TaskResult:
             )
         if any(r.example.eval_type == MULTIPLE_CHOICE for r in self.examples):
             entry["mc_rule"] = self.mc_rule
+            entry["fewshot"] = self.fewshot
+            if self.cot is not None:
+                entry["cot"] = self.cot.model_dump()
+            if self.empty_choice_rows:
+                entry["empty_choice_rows"] = self.empty_choice_rows
         entry.update(
             seconds=round(self.seconds, 3),
             examples_per_second=round(len(self.examples) / max(self.seconds, 1e-9), 3),
@@ -94,9 +114,22 @@ def average(results: Sequence[TaskResult]) -> float | None:
 # ---------------------------------------------------------------------------------------- prompts
 
 
-def render_prompt(lm: LanguageModel, task: Task, example: Example, chat: bool) -> str:
-    """The text the model sees: few-shot examples, the template, and the chat template if asked."""
-    settings = task.settings
+def render_prompt(
+    lm: LanguageModel,
+    task: Task,
+    example: Example,
+    chat: bool,
+    *,
+    rule: str = "loglik",
+    shots: Sequence[Shot] | None = None,
+    cot: CotSettings | None = None,
+) -> str:
+    """The text the model sees: few-shot examples, the question as ``rule`` asks it (the template
+    applied; lettered options under letter and cot), and the chat template if asked. ``shots``
+    defaults to the sidecar's few-shot examples; ``cot`` to the sidecar's CoT settings."""
+    if shots is None:
+        shots = sidecar_shots(task)
+    question = strategies.question_prompt(task, example, rule, cot or task.settings.cot)
     if chat:
         if not getattr(lm.tokenizer, "chat_template", None):
             raise EvaluationError(
@@ -104,19 +137,108 @@ def render_prompt(lm: LanguageModel, task: Task, example: Example, chat: bool) -
                 "none; drop --chat-template (or chat_template in the sidecar)"
             )
         messages: list[dict[str, str]] = []
-        for shot in settings.fewshot:
-            messages.append(
-                {"role": "user", "content": task.render(Example("", shot.input, GENERATION))}
-            )
-            messages.append({"role": "assistant", "content": shot.output})
-        messages.append({"role": "user", "content": task.render(example)})
+        for shot in shots:
+            messages.append({"role": "user", "content": shot.prompt})
+            messages.append({"role": "assistant", "content": shot.answer.lstrip()})
+        messages.append({"role": "user", "content": question})
         return lm.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
-    shots = "".join(
-        task.render(Example("", s.input, GENERATION)) + s.output + "\n\n" for s in settings.fewshot
-    )
-    return shots + task.render(example)
+    return "".join(shot.prompt + shot.answer + "\n\n" for shot in shots) + question
+
+
+def sidecar_shots(task: Task) -> list[Shot]:
+    """The sidecar's few-shot examples: the template applied to the input, the output as written."""
+    return [
+        Shot(task.render(Example("", s.input, GENERATION)), s.output) for s in task.settings.fewshot
+    ]
+
+
+def select_shots(
+    task: Task,
+    rule: str,
+    cot: CotSettings,
+    *,
+    count: int | None = None,
+    source: str | Path | None = None,
+) -> dict[str, list[Shot]]:
+    """The few-shot examples of each eval type, in the format of ``rule``.
+
+    With ``source`` (a task CSV, or a directory holding ``<task>.csv``): its first ``count`` rows
+    of the type, with targets, that are not rows of ``task`` itself (so a task file can serve as
+    its own pool under ``--limit``). Otherwise the sidecar's ``fewshot`` list (the first
+    ``count``), or under ``cot`` the built-in worked examples (three unless ``count`` says);
+    ``count`` 0 turns every source off.
+    """
+    types = (MULTIPLE_CHOICE, GENERATION)
+    if count is not None and count < 0:
+        raise EvaluationError(f"--fewshot must be 0 or more, got {count}")
+    if source is not None:
+        if count is None:
+            raise EvaluationError("--fewshot-from needs --fewshot N: how many examples to show")
+        path = Path(source)
+        path = path / f"{task.name}.csv" if path.is_dir() else path
+        pool = load_task(path)
+        scored = {e.id for e in task.examples}
+        chosen: dict[str, list[Shot]] = {}
+        for eval_type in types:
+            if not any(e.eval_type == eval_type for e in task.examples):
+                chosen[eval_type] = []
+                continue
+            rows = [
+                e
+                for e in pool.examples
+                if e.eval_type == eval_type and e.target is not None and e.id not in scored
+            ]
+            if len(rows) < count:
+                raise EvaluationError(
+                    f"task {task.name}: --fewshot {count}, but {path} has {len(rows)} {eval_type} "
+                    "row(s) with targets that are not rows of the task itself"
+                )
+            chosen[eval_type] = [
+                strategies.shot_from_example(task, e, rule, cot) for e in rows[:count]
+            ]
+        return chosen
+    if task.settings.fewshot:
+        shots = sidecar_shots(task)
+        if count is not None and count > len(shots):
+            raise EvaluationError(
+                f"task {task.name}: --fewshot {count}, but its sidecar has {len(shots)} fewshot "
+                "example(s); give --fewshot-from FILE for more"
+            )
+        shots = shots[:count] if count is not None else shots
+        return dict.fromkeys(types, shots)
+    if rule == "cot":
+        worked = strategies.COT_EXAMPLES
+        if count is not None and count > len(worked):
+            raise EvaluationError(
+                f"task {task.name}: --fewshot {count}, but there are {len(worked)} built-in "
+                "chain-of-thought examples; give --fewshot-from FILE or sidecar fewshot examples"
+            )
+        shots = [
+            strategies.shot_from_example(task, example, rule, cot, reasoning)
+            for example, reasoning in worked[: len(worked) if count is None else count]
+        ]
+        return {MULTIPLE_CHOICE: shots, GENERATION: []}
+    if count:
+        raise EvaluationError(
+            f"task {task.name}: --fewshot {count}, but the task has no few-shot examples: give "
+            "--fewshot-from FILE (or a fewshot list in its sidecar)"
+        )
+    return dict.fromkeys(types, [])
+
+
+def resolve_cot(task: Task, overrides: Mapping[str, Any] | None) -> CotSettings:
+    """The task's CoT settings with ``overrides`` (keys of ``CotSettings``) applied, validated."""
+    if not overrides:
+        return task.settings.cot
+    try:
+        return CotSettings.model_validate({**task.settings.cot.model_dump(), **overrides})
+    except ValidationError as error:
+        problems = "; ".join(
+            f"cot.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        raise EvaluationError(f"task {task.name}: {problems}") from None
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -155,43 +277,83 @@ def evaluate_task(
     mc_rule: str | None = None,
     batch_size: int | str = "auto",
     chat_template: bool | None = None,
+    fewshot: int | None = None,
+    fewshot_from: str | Path | None = None,
+    cot: Mapping[str, Any] | None = None,
     progress: scoring.Progress | None = None,
 ) -> TaskResult:
-    """Score one task. ``mc_rule`` and ``chat_template`` override the task's sidecar when given."""
+    """Score one task. ``mc_rule``, ``chat_template`` and ``cot`` (keys of ``CotSettings``)
+    override the task's sidecar when given; ``fewshot``/``fewshot_from`` choose its few-shot
+    examples (see ``select_shots``)."""
     rule = mc_rule or task.settings.mc_rule or "loglik"
     if rule not in MC_RULES:
         raise EvaluationError(f"--mc-rule {rule!r} is not one of {', '.join(MC_RULES)}")
+    cot_settings = resolve_cot(task, cot)
     chat = task.settings.chat_template if chat_template is None else chat_template
     started = time.perf_counter()
-    prompts = [render_prompt(lm, task, e, chat) for e in task.examples]
+    shots = select_shots(task, rule, cot_settings, count=fewshot, source=fewshot_from)
+    prompts = [
+        render_prompt(lm, task, e, chat, rule=rule, shots=shots[e.eval_type], cot=cot_settings)
+        for e in task.examples
+    ]
     # A chat template writes its own special tokens; plain prompts get the tokenizer's (BOS).
     encoded = scoring.encode_prompts(lm, prompts, special_tokens=not chat)
     mc = [k for k, e in enumerate(task.examples) if e.eval_type == MULTIPLE_CHOICE]
     gen = [k for k, e in enumerate(task.examples) if e.eval_type == GENERATION]
     results: dict[int, ExampleResult] = {}
     used = 0
-    if mc:
+    empty_rows: list[str] = []
+    if mc and rule == "cot":
+        answered, used = _ask_with_reasoning(
+            lm,
+            task,
+            mc,
+            prompts=prompts,
+            encoded=encoded,
+            cot=cot_settings,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        results.update(answered)
+    elif mc:
+        if rule == "letter":  # each letter after the lettered prompt, as a one-token choice
+            texts = [
+                strategies.letter_texts(prompts[k], strategies.option_letters(task.examples[k]))
+                for k in mc
+            ]
+            choice_rule = "loglik"
+        else:
+            texts = [list(task.examples[k].choices) for k in mc]
+            choice_rule = rule
         choices = scoring.encode_choices(
-            lm, [task.examples[k].choices for k in mc], rule, [task.examples[k].id for k in mc]
+            lm, texts, choice_rule, [task.examples[k].id for k in mc], task=task.name
         )
         scored, used = _with_batch_size(
             lm,
             batch_size,
             lambda size: scoring.score_choices(
-                lm, [encoded[k] for k in mc], choices, rule=rule, batch_size=size, progress=progress
+                lm,
+                [encoded[k] for k in mc],
+                choices,
+                rule=choice_rule,
+                batch_size=size,
+                progress=progress,
             ),
             len(mc),
         )
         for k, score in zip(mc, scored, strict=True):
             example = task.examples[k]
+            if 0 in score.scored_tokens:
+                empty_rows.append(example.id)
             metrics = {}
             if example.target is not None:
-                # lm-eval's acc_norm: log-probability per character of the choice.
-                normed = [s / len(c) for s, c in zip(score.scores, example.choices, strict=True)]
-                metrics = {
-                    "accuracy": float(score.prediction == example.target),
-                    "accuracy_norm": float(normed.index(max(normed)) == example.target),
-                }
+                metrics = {"accuracy": float(score.prediction == example.target)}
+                if rule != "letter":
+                    # lm-eval's acc_norm: log-probability per character of the choice.
+                    normed = [
+                        s / len(c) for s, c in zip(score.scores, example.choices, strict=True)
+                    ]
+                    metrics["accuracy_norm"] = float(normed.index(max(normed)) == example.target)
             results[k] = ExampleResult(example, prompts[k], score.prediction, score.scores, metrics)
     if gen:
         texts, used_gen = _with_batch_size(
@@ -214,7 +376,61 @@ def evaluate_task(
             )
             results[k] = ExampleResult(example, prompts[k], text, None, metrics)
     ordered = [results[k] for k in range(len(task.examples))]
-    return TaskResult(task, ordered, rule, time.perf_counter() - started, used)
+    return TaskResult(
+        task,
+        ordered,
+        rule,
+        time.perf_counter() - started,
+        used,
+        fewshot=len(shots[MULTIPLE_CHOICE]) if mc else 0,
+        cot=cot_settings if mc and rule == "cot" else None,
+        empty_choice_rows=empty_rows,
+    )
+
+
+def _ask_with_reasoning(
+    lm: LanguageModel,
+    task: Task,
+    rows: list[int],
+    *,
+    prompts: list[str],
+    encoded: list[list[int]],
+    cot: CotSettings,
+    batch_size: int | str,
+    progress: scoring.Progress | None,
+) -> tuple[dict[int, ExampleResult], int]:
+    """Chain of thought on the multiple-choice ``rows``: generate, read each answer letter (a
+    miss predicts -1 and counts wrong). Returns the results by row and the batch size used."""
+    results: dict[int, ExampleResult] = {}
+    for k in rows:
+        strategies.option_letters(task.examples[k])  # more than ten options fail before running
+    texts, used = _with_batch_size(
+        lm,
+        batch_size,
+        lambda size: scoring.generate(
+            lm,
+            [encoded[k] for k in rows],
+            max_new_tokens=cot.max_new_tokens,
+            batch_size=size,
+            stop=cot.stop,
+            progress=progress,
+        ),
+        len(rows),
+    )
+    for k, text in zip(rows, texts, strict=True):
+        example = task.examples[k]
+        index, extracted_by = strategies.extract_answer(text, len(example.choices), cot)
+        prediction = -1 if index is None else index
+        metrics = {}
+        if example.target is not None:
+            metrics = {
+                "accuracy": float(prediction == example.target),
+                "answered": float(index is not None),
+            }
+        results[k] = ExampleResult(
+            example, prompts[k], prediction, None, metrics, text, extracted_by
+        )
+    return results, used
 
 
 @contextlib.contextmanager
@@ -257,6 +473,9 @@ def evaluate(
     mc_rule: str | None = None,
     batch_size: int | str = "auto",
     chat_template: bool | None = None,
+    fewshot: int | None = None,
+    fewshot_from: str | Path | None = None,
+    cot: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> list[TaskResult]:
     """Evaluate ``lm`` on each task in turn (see ``evaluate_task``)."""
@@ -276,6 +495,9 @@ def evaluate(
                     mc_rule=mc_rule,
                     batch_size=batch_size,
                     chat_template=chat_template,
+                    fewshot=fewshot,
+                    fewshot_from=fewshot_from,
+                    cot=cot,
                     progress=start(task.name),
                 )
             )
@@ -340,6 +562,8 @@ def write_outputs(
                         "target": r.example.target,
                         "metrics": r.metrics or None,
                     }
+                    if r.generation is not None:  # cot: the reasoning, and what read the answer
+                        record.update(generation=r.generation, extracted_by=r.extracted_by)
                     log.write(json.dumps(record, ensure_ascii=False) + "\n")
         if unscored:
             write_csv(

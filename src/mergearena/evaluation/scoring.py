@@ -11,7 +11,12 @@ Two rules decide which tokens count (see ``MC_RULES``):
   prompt: log P(c0 | prompt) + log P(c1 | prompt, c0) + ...
 - ``starter-kit``: the competition starter kit's rule. The choice is tokenized by a copy of the
   tokenizer with BOS off and EOS on (Llama-style tokenizers append EOS, GPT-2-style ones append
-  nothing) and its tokens 2..n are scored: the first choice token is never scored.
+  nothing) and its tokens 2..n are scored: the first choice token is never scored. A one-token
+  choice without EOS scores 0.0, and rows where the kit itself fails are refused (see
+  ``encode_choices``).
+
+The rules ``letter`` and ``cot`` (evaluation/strategies.py) ask differently and use this module's
+two primitives: ``letter`` scores one-token letter choices under ``loglik``, ``cot`` generates.
 
 Seq2seq models score the whole choice (as the tokenizer encodes it) as decoder labels, under both
 rules, as the starter kit does.
@@ -25,6 +30,7 @@ import functools
 import inspect
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -94,36 +100,96 @@ def encode_prompts(
     return [list(ids) for ids in encoded]
 
 
+class StarterKitWarning(UserWarning):
+    """Rows whose one-token choices score 0.0 under the starter-kit rule, as in the kit."""
+
+
+def _row_names(ids: Sequence[str], shown: int = 20) -> str:
+    names = ", ".join(repr(i) for i in ids[:shown])
+    return names + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+
+
 def encode_choices(
-    lm: LanguageModel, choices: Sequence[Sequence[str]], rule: str, ids: Sequence[str] | None = None
+    lm: LanguageModel,
+    choices: Sequence[Sequence[str]],
+    rule: str,
+    ids: Sequence[str] | None = None,
+    *,
+    task: str | None = None,
+    kit_batch_size: int = 1,
 ) -> list[list[list[int]]]:
-    """Token ids of each example's choices under ``rule`` (see the module docstring)."""
+    """Token ids of each example's choices under ``rule`` (see the module docstring).
+
+    Under ``starter-kit``, on a decoder whose tokenizer appends no EOS, a one-token choice has no
+    token to score: the kit right-pads the choices of its batch, so its score is the masked,
+    empty sum 0.0, and as log-probabilities are negative it usually wins. That is reproduced
+    (the scorer leaves such a choice at 0.0; ties go to the first choice, as ``torch.max``), with
+    one ``StarterKitWarning`` naming the rows. The kit fails only when every choice of one of its
+    batches is one token long (no position is left to score and its reshape of the empty scores
+    raises); those rows are refused here with an ``EvaluationError``. The kit's batches are runs
+    of ``kit_batch_size`` examples in order: 1 in the kit's own evaluation loop (its DataLoader
+    has batch size 1), the caller's batch where its ``predict_multiple_choice`` is called
+    directly. How this scorer batches is irrelevant: a choice's score never depends on it.
+    ``ids`` and ``task`` name the rows in messages.
+    """
     flat = [choice for group in choices for choice in group]
     if lm.is_seq2seq:
         encoded = lm.tokenizer(flat, truncation=True, padding=False)["input_ids"]
-    elif rule in MC_RULES:
+    elif rule in ("loglik", "starter-kit"):
         encoded = lm.tokenizer(flat, add_special_tokens=False, padding=False)["input_ids"]
         if rule == "starter-kit" and lm.starter_kit_appends_eos:
             encoded = [list(ids) + [lm.tokenizer.eos_token_id] for ids in encoded]
     else:
-        raise EvaluationError(f"multiple-choice rule {rule!r} is not one of {', '.join(MC_RULES)}")
+        raise EvaluationError(
+            f"multiple-choice rule {rule!r} does not score choices: use loglik or starter-kit"
+            if rule in MC_RULES
+            else f"multiple-choice rule {rule!r} is not one of {', '.join(MC_RULES)}"
+        )
+    names = list(ids) if ids is not None else [f"#{index}" for index in range(len(choices))]
+    where = f"task {task}: " if task else ""
     result, position = [], 0
     for index, group in enumerate(choices):
         token_lists = [list(t) for t in encoded[position : position + len(group)]]
         position += len(group)
-        shortest = min(len(t) for t in token_lists)
-        name = f"example {ids[index]!r}" if ids is not None else f"example #{index}"
-        if shortest == 0:
-            raise EvaluationError(f"{name}: an answer choice encodes to no tokens")
-        if rule == "starter-kit" and not lm.is_seq2seq and shortest < 2:
+        if min(len(t) for t in token_lists) == 0:
             raise EvaluationError(
-                f"{name}: under --mc-rule starter-kit a choice that is one token long scores "
-                "nothing, because the rule skips a choice's first token and this tokenizer appends "
-                "no EOS (the starter kit crashes here). Use --mc-rule loglik, or choices of "
-                "several tokens."
+                f"{where}row {names[index]!r}: an answer choice encodes to no tokens"
             )
         result.append(token_lists)
+    if rule == "starter-kit" and not lm.is_seq2seq:
+        _check_starter_kit_choices(result, names, where, kit_batch_size)
     return result
+
+
+def _check_starter_kit_choices(
+    choices: list[list[list[int]]], names: list[str], where: str, kit_batch_size: int
+) -> None:
+    """Refuse the rows where the starter kit fails, warn about those it scores 0.0 (see
+    ``encode_choices``); a choice with EOS appended is never one token long."""
+    if kit_batch_size < 1:
+        raise EvaluationError(f"kit batch size must be at least 1, got {kit_batch_size}")
+    failing: list[str] = []
+    for start in range(0, len(choices), kit_batch_size):
+        batch = choices[start : start + kit_batch_size]
+        if all(len(tokens) == 1 for group in batch for tokens in group):
+            failing += names[start : start + kit_batch_size]
+    if failing:
+        raise EvaluationError(
+            f"{where}under --mc-rule starter-kit, every answer choice is one token long in "
+            f"{len(failing)} row(s): {_row_names(failing)}. The rule scores a choice's tokens "
+            "after its first and this tokenizer appends no EOS, so nothing is left to score: the "
+            "starter kit itself fails there (its predict_multiple_choice cannot reshape the "
+            "empty scores). Use --mc-rule loglik or letter, or answer choices of several tokens."
+        )
+    empty = [names[i] for i, group in enumerate(choices) if any(len(t) == 1 for t in group)]
+    if empty:
+        warnings.warn(
+            f"{where}under --mc-rule starter-kit, {len(empty)} row(s) have a one-token answer "
+            f"choice, which scores 0.0 (the empty sum, as the starter kit's padding makes it) "
+            f"and so usually wins: {_row_names(empty)}. Use --mc-rule loglik for new work.",
+            StarterKitWarning,
+            stacklevel=3,
+        )
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device):
@@ -300,21 +366,52 @@ def score_choices(
     return results  # type: ignore[return-value]
 
 
+def _stop_at_strings(tokenizer: object, prompt_length: int, stop: Sequence[str]) -> object:
+    """A stopping criterion that ends each row once its new text holds one of ``stop``.
+
+    Only the last few new tokens are decoded per step (enough to hold the longest stop string),
+    so the check stays cheap for long generations and never looks into the prompt.
+    """
+    from transformers import StoppingCriteria
+
+    window = max(len(text) for text in stop) + 2
+
+    class StopAtStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: object, **kwargs: object):
+            tails = tokenizer.batch_decode(
+                input_ids[:, max(prompt_length, input_ids.shape[1] - window) :],
+                skip_special_tokens=True,
+            )
+            done = [any(text in tail for text in stop) for tail in tails]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopAtStrings()
+
+
+def _cut_at(text: str, stop: Sequence[str]) -> str:
+    ends = [text.find(s) for s in stop if s in text]
+    return text[: min(ends)] if ends else text
+
+
 def generate(
     lm: LanguageModel,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    stop: Sequence[str] = (),
     progress: Progress | None = None,
 ) -> list[str]:
-    """Greedy continuations of encoded prompts, stopping at EOS or ``max_new_tokens``.
+    """Greedy continuations of encoded prompts, stopping at EOS or ``max_new_tokens``, or once
+    the new text holds a ``stop`` string (the text is cut where the first one begins).
 
     Batches are left padded (explicit attention masks, so padding changes nothing) and decoded
     with special tokens skipped, as the starter kit decodes.
     """
     if batch_size < 1:
         raise EvaluationError(f"batch size must be at least 1, got {batch_size}")
+    if any(not text for text in stop):
+        raise EvaluationError("a stop string is empty")
     tokenizer, model, device = lm.tokenizer, lm.model, lm.device
     order = sorted(range(len(prompts)), key=lambda k: -len(prompts[k]))
     texts: list[str] = [""] * len(prompts)
@@ -324,6 +421,14 @@ def generate(
         for batch in _batches(order, batch_size):
             rows = [list(prompts[k]) for k in batch]
             ids, mask = _pad(rows, tokenizer.pad_token_id, left=not lm.is_seq2seq, device=device)
+            extra = {}
+            if stop:
+                from transformers import StoppingCriteriaList
+
+                prompt_length = 1 if lm.is_seq2seq else ids.shape[1]  # seq2seq: decoder start
+                extra["stopping_criteria"] = StoppingCriteriaList(
+                    [_stop_at_strings(tokenizer, prompt_length, stop)]
+                )
             output = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -333,11 +438,12 @@ def generate(
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id,
+                **extra,
             )
             new = output if lm.is_seq2seq else output[:, ids.shape[1] :]
             decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
             for k, text in zip(batch, decoded, strict=True):
-                texts[k] = text
+                texts[k] = _cut_at(text, stop)
             if progress is not None:
                 progress(len(batch))
     return texts

@@ -6,7 +6,8 @@ absent: then predictions are written but nothing is scored). ``eval_type`` is
 ``target`` the index of the right choice) or ``generation`` (``target`` is the reference text).
 
 A sidecar ``<stem>.yaml``, ``.yml`` or ``.json`` beside the CSV may set the task's metric, its
-generation length, prompt template, chat template use, few-shot examples and scoring rule.
+generation length, prompt template, chat template use, few-shot examples, multiple-choice rule and
+chain-of-thought settings (``cot:``, used under ``mc_rule: cot``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mergearena.errors import TaskError
 
@@ -28,7 +30,11 @@ MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
 EVAL_TYPES = (MULTIPLE_CHOICE, GENERATION)
 GENERATION_METRICS = ("rougeL", "rouge1", "rouge2", "rougeLsum", "exact_match", "numeric_match")
-MC_RULES = ("loglik", "starter-kit")
+# How a multiple-choice row is answered: loglik and starter-kit score each choice's tokens; letter
+# and cot show the options lettered A, B, C... (see evaluation/strategies.py).
+MC_RULES = ("loglik", "starter-kit", "letter", "cot")
+McRule = Literal["loglik", "starter-kit", "letter", "cot"]
+COT_FALLBACKS = ("answer-colon", "last-letter")
 DEFAULT_MAX_NEW_TOKENS = 64  # the starter kit's max_gen_len
 REQUIRED_COLUMNS = ("id", "input", "eval_type")
 
@@ -39,6 +45,50 @@ class FewShot(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: str = Field(min_length=1)
     output: str
+
+
+class CotSettings(BaseModel):
+    r"""Chain-of-thought multiple choice: generate, then read the answer letter from the text.
+
+    The defaults are the competition's 2nd place (issue 13): greedy up to 512 tokens, the letter
+    taken by ``answer is \(?([A-J])\)?``, then ``Answer: X``, then the last standalone letter.
+    Generation also stops at a ``stop`` string (a blank line: where a plain prompt's next
+    question would start), which the winners' chat prompts did not need.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(default=512, ge=1, le=8192)
+    pattern: str = Field(
+        default=r"answer is \(?([A-J])\)?",
+        description="regular expression whose first group is the answer letter (first match)",
+    )
+    fallbacks: list[Literal[*COT_FALLBACKS]] = Field(
+        default_factory=lambda: list(COT_FALLBACKS),
+        description="tried in order when the pattern finds no valid letter",
+    )
+    cue: str = Field(default=" Let's think step by step.", description="text after the answer cue")
+    stop: list[str] = Field(
+        default_factory=lambda: ["\n\n"],
+        description="generation ends at the first of these strings (after the reasoning)",
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_group(cls, pattern: str) -> str:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"not a regular expression ({error})") from None
+        if compiled.groups < 1:
+            raise ValueError("needs a group around the answer letter, as in 'answer is ([A-J])'")
+        return pattern
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(not text for text in stop):
+            raise ValueError("a stop string is empty")
+        return stop
 
 
 class TaskSettings(BaseModel):
@@ -52,7 +102,8 @@ class TaskSettings(BaseModel):
     template: str = Field(default="{input}", description="prompt template with an {input} field")
     chat_template: bool = Field(default=False, description="wrap prompts in the model's template")
     fewshot: list[FewShot] = Field(default_factory=list)
-    mc_rule: Literal["loglik", "starter-kit"] | None = None
+    mc_rule: McRule | None = None
+    cot: CotSettings = Field(default_factory=CotSettings)
 
 
 @dataclass(frozen=True)
