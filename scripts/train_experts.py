@@ -63,7 +63,7 @@ A PEFT LoRA adapter on `zoo:smollm2-135m` (SmolLM2-135M-Instruct), trained by
   (first 25 steps) → {training["loss_last_25"]} (last 25)
 - validation {validation["metric"]} ({validation["n"]} examples): base **{validation["base"]:.4f}**,
   this expert **{validation["expert"]:.4f}**
-- use: `zoo:{task}-lora` (adapter) or `zoo:{task}` (full weights, built on first use)
+- use: `zoo:{task}-lora` (adapter) or `zoo:{task}` (full weights, built by `mergearena zoo prepare`)
 
 | setting | value |
 |---|---|

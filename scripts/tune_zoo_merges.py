@@ -6,6 +6,7 @@ The best setting of each method became ``recipes/zoo-<method>.yaml``.
 
     python scripts/tune_zoo_merges.py --device cuda                 # a few minutes on a GPU
     python scripts/tune_zoo_merges.py --limit 50 --only ta-1.0 ties-d0.5-l1.0   # a subset, on CPU
+    python scripts/tune_zoo_merges.py --only geometric-median multislerp --markdown  # README rows
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="candidate names")
     parser.add_argument("--out", type=Path, default=None, help="keep the merges and scores here")
     parser.add_argument("--json", type=Path, default=None, help="write the ranking here")
+    parser.add_argument(
+        "--markdown", action="store_true", help="also print the rows as the README's table (in %)"
+    )
     args = parser.parse_args()
     chosen = {k: v for k, v in candidates().items() if not args.only or k in args.only}
     with tempfile.TemporaryDirectory(prefix="mergearena-tune-") as scratch:
@@ -118,6 +122,12 @@ def main() -> None:
     for row in rows:
         table.add_row(row.name, *[f"{row.scores[t]:.3f}" for t in tasks], f"{row.average:.4f}")
     Console(width=160).print(table)
+    if args.markdown:
+        print(f"| candidate | {' | '.join(tasks)} | average |")
+        print("|---|" + "---:|" * (len(tasks) + 1))
+        for row in rows:
+            cells = " | ".join(f"{100 * row.scores[t]:.1f}" for t in tasks)
+            print(f"| {row.name} | {cells} | {100 * row.average:.1f} |")
     if args.json:
         args.json.write_text(json.dumps([vars(r) for r in rows], indent=2) + "\n")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergearena.arena.inference import check_choices, check_texts, starter_kit_hooks
 from mergearena.arena.runner import (
     JobSpec,
     ModelPolicy,
@@ -21,7 +23,10 @@ from mergearena.arena.runner import (
     main,
     run_job,
 )
+from mergearena.arena.scoring import score_task
 from mergearena.errors import MergeArenaError
+from mergearena.evaluation import Example, Task, load_task
+from mergearena.evaluation.metrics import generation_metrics
 
 MC_ROWS = [
     ("q1", "the water is on the long way", "['a way', 'the people', 'no']", "multiple_choice"),
@@ -140,6 +145,43 @@ def test_allowlist_matches_resolved_paths_and_hub_revisions(models, monkeypatch)
     assert policy._listed("org/model@abc123") and not policy._listed("org/other")
     with pytest.raises(SubmissionError, match="'org/other' is not allowed"):
         policy.resolve("org/other")
+
+
+def test_the_planner_refuses_a_disallowed_model_in_every_position(
+    tmp_path, models, make_checkpoint
+):
+    """The engine's one walk over a recipe's models takes the policy as its resolver: each
+    place a model can appear is checked, and a refusal merges nothing."""
+    from mergearena.engine import merge
+
+    base, lora = str(models["base"]), str(models["lora1"])
+    other = str(make_checkpoint("llama", seed=5, base=models["base"], name="other"))
+    declared = json.loads((models["lora1"] / "adapter_config.json").read_text())
+    assert declared["base_model_name_or_path"] == base
+    every = [base, lora, other]
+    linear = "merge_method: linear\nparameters: {weight: 1.0}\nmodels:\n"
+    positions = {  # where the model appears: (recipe, the model refused)
+        "base_model": (
+            f"merge_method: task_arithmetic\nparameters: {{weight: 1.0}}\nbase_model: {base}\n"
+            f"models:\n  - model: {other}\n",
+            base,
+        ),
+        "MODEL of MODEL+ADAPTER": (f"{linear}  - model: {base}+{lora}\n", base),
+        "ADAPTER of MODEL+ADAPTER": (f"{linear}  - model: {base}+{lora}\n", lora),
+        "an adapter's declared base": (f"{linear}  - model: {lora}\n", base),
+        "tokenizer_source": (f"{linear}  - model: {base}\ntokenizer_source: {other}\n", other),
+    }
+    for position, (recipe, refused) in positions.items():
+        policy = ModelPolicy([m for m in every if m != refused])
+        out = tmp_path / "merged"
+        with pytest.raises(SubmissionError, match=f"model '{refused}' is not allowed"):
+            merge(recipe, out, resolve=policy.resolve)
+        assert not out.exists() and not list(tmp_path.glob(".merged.*")), position
+
+    policy = ModelPolicy(every)
+    recipe, _ = positions["MODEL of MODEL+ADAPTER"]
+    merge(recipe, tmp_path / "merged", resolve=policy.resolve)
+    assert policy.used == [base, lora]
 
 
 def test_oversized_model_is_refused_from_headers(tmp_path, tasks, models):
@@ -272,7 +314,8 @@ class MyAvg(Merges):
 """
 
 
-def write_starter_kit(root: Path, models: dict[str, Path]) -> Path:
+def write_starter_kit(root: Path, models: dict[str, Path], methods: str = "") -> Path:
+    """The starter kit with MyAvg; ``methods`` (indented for the class body) are added to it."""
     package = root / "LLM-Merging" / "llm_merging"
     (package / "merging").mkdir(parents=True)
     (package / "main.py").write_text(MAIN_PY)
@@ -285,6 +328,7 @@ def write_starter_kit(root: Path, models: dict[str, Path]) -> Path:
     )
     (package / "merging" / "MyAvg.py").write_text(
         MY_AVG_PY.format(**{name: str(path) for name, path in models.items()})
+        + textwrap.indent(textwrap.dedent(methods), "    ")
     )
     # The submission's own copy of the base class must lose to the compatibility layer's.
     (package / "merging" / "Merges.py").write_text("raise ImportError('not the arena Merges')\n")
@@ -405,3 +449,253 @@ def test_compat_prediction_hooks(models, monkeypatch):
     assert predicted.tolist() == scores.argmax(1).tolist()
     ids, texts = method.generate(batch)
     assert len(texts) == 2 and all(isinstance(text, str) for text in texts) and len(ids) == 2
+
+
+# ------------------------------------------------------------------- the submission's own inference
+
+MC_TARGETS = {"q1": 1, "q2": 0}  # one of the two targets is the first choice
+GEN_TARGETS = {"s1": "the people of the water", "s2": "it is the way"}
+
+
+def hidden_tasks(tmp_path: Path) -> dict[str, Task]:
+    """The task files with their targets, as only the worker holds them."""
+    folder = tmp_path / "hidden"
+    folder.mkdir()
+    found = {}
+    for name, rows, targets in (("mc", MC_ROWS, MC_TARGETS), ("gen", GEN_ROWS, GEN_TARGETS)):
+        with (folder / f"{name}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(("id", "input", "target", "answer_choices", "eval_type"))
+            writer.writerows(
+                (i, text, targets[i], choices, kind) for i, text, choices, kind in rows
+            )
+        found[name] = load_task(folder / f"{name}.csv")
+    return found
+
+
+def score(tmp_path: Path, task: Task) -> float:
+    """The worker's score of what the run wrote."""
+    predictions = tmp_path / "out" / "predictions" / f"{task.name}.csv"
+    return score_task(task, predictions, root=tmp_path).value
+
+
+def kit_job(tmp_path: Path, tasks: list[str], models: dict[str, Path], methods: str) -> dict:
+    submission = write_starter_kit(tmp_path / "submission", models, methods)
+    allowed = [str(path) for path in models.values()]
+    return job(tmp_path, tasks, submission, kind="code", allowed_models=allowed)
+
+
+FIRST_CHOICE = """\
+    def predict_multiple_choice(self, batch):
+        import ast
+
+        print("MC BATCH:", batch)
+        choices = [ast.literal_eval(text) for text in batch["answer_choices"]]  # as the kit does
+        assert all(len(c) >= 2 for c in choices) and self.base_model is not None
+        return torch.zeros(len(batch["input"]), dtype=torch.long), None
+"""
+
+CONSTANT_TEXT = """\
+    def generate(self, batch):
+        print("GEN BATCH:", batch)
+        return None, ["the people"] * len(batch["input"])
+"""
+
+
+def test_kit_predict_multiple_choice_override_answering_the_first_choice(
+    tmp_path, tasks, models, capsys
+):
+    result = run_job(kit_job(tmp_path, tasks, models, FIRST_CHOICE))
+
+    assert result["own_inference"] == ["MyAvg.predict_multiple_choice"]
+    first_batch = {
+        "id": ["q1"],
+        "input": ["the water is on the long way"],
+        "answer_choices": ["['a way', 'the people', 'no']"],
+        "eval_type": ["multiple_choice"],
+    }
+    assert f"MC BATCH: {first_batch!r}" in capsys.readouterr().out  # the kit's batch, no target
+    predictions = tmp_path / "out" / "predictions"
+    assert read_predictions(predictions / "mc.csv") == {"q1": "0", "q2": "0"}
+    assert result["tasks"]["mc"]["own_predictions"] == 2 and result["tasks"]["mc"]["n"] == 2
+    # generate is not overridden: mergearena's scorer predicts those rows
+    assert list(read_predictions(predictions / "gen.csv")) == ["s1", "s2"]
+    assert "own_predictions" not in result["tasks"]["gen"]
+
+    hidden = hidden_tasks(tmp_path)["mc"]
+    first_choice_share = statistics.fmean(e.target == 0 for e in hidden.examples)
+    assert score(tmp_path, hidden) == first_choice_share == 0.5
+
+
+def test_kit_generate_override_is_scored_on_its_constant_text(tmp_path, tasks, models, capsys):
+    result = run_job(kit_job(tmp_path, tasks, models, CONSTANT_TEXT))
+
+    assert result["own_inference"] == ["MyAvg.generate"]
+    first_batch = {"id": ["s1"], "input": ["the people of the water"], "eval_type": ["generation"]}
+    assert f"GEN BATCH: {first_batch!r}" in capsys.readouterr().out
+    predictions = tmp_path / "out" / "predictions"
+    assert read_predictions(predictions / "gen.csv") == {"s1": "the people", "s2": "the people"}
+    assert set(read_predictions(predictions / "mc.csv")) == {"q1", "q2"}  # mergearena's scorer
+
+    expected = statistics.fmean(
+        generation_metrics("the people", target)["rougeL"] for target in GEN_TARGETS.values()
+    )
+    assert 0 < expected < 1
+    assert score(tmp_path, hidden_tasks(tmp_path)["gen"]) == pytest.approx(expected)
+
+
+def test_kit_override_that_raises_fails_with_its_traceback(tmp_path, tasks, models, capsys):
+    raises = """\
+        def predict_multiple_choice(self, batch):
+            raise ValueError("boom in " + batch["id"][0])
+    """
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(kit_job(tmp_path, tasks, models, raises)))
+
+    assert main([str(job_file)]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" in error and 'raise ValueError("boom in " + batch["id"][0])' in error
+    message = "task mc, row id 'q1': MyAvg.predict_multiple_choice raised ValueError: boom in q1"
+    assert f"error: {message}" in error
+    out = tmp_path / "out"
+    assert not (out / "predictions").exists()
+    assert message in json.loads((out / "result.json").read_text())["error"]
+
+
+def test_kit_overrides_are_found_by_class():
+    from llm_merging.merging.Merges import Merges
+
+    class Plain(Merges):
+        def merge(self):
+            return None
+
+    class Own(Merges):
+        def generate(self, batch):
+            return None, ["text"]
+
+    class Heir(Own):
+        pass
+
+    assert starter_kit_hooks(Plain("plain")).by_type == {}
+    hooks = starter_kit_hooks(Heir("heir"))
+    assert list(hooks.by_type) == ["generation"] and hooks.label("generation") == "Heir.generate"
+    assert hooks.by_type["generation"]({"input": ["x"]}) == (None, ["text"])
+
+
+MC_EXAMPLE = [Example("q1", "x", "multiple_choice", ("a", "b", "c"))]
+GEN_EXAMPLE = [Example("g1", "x", "generation")]
+
+
+@pytest.mark.parametrize(
+    ("returned", "problem"),
+    [
+        (torch.tensor([0]), "must return (predicted_choice, answer_choice_scores)"),
+        ((torch.tensor([[0]]), None), "predicted_choice has shape (1, 1); it must have shape (1,)"),
+        ((torch.tensor(0), None), "predicted_choice has shape (); it must have shape (1,)"),
+        ((torch.tensor([0, 1]), None), "has shape (2,)"),  # an extra prediction
+        (([], None), "returned 0 predicted choice(s) for a batch of 1"),  # a missing one
+        (([0, 1], None), "returned 2 predicted choice(s) for a batch of 1"),
+        (({"q1": 0}, None), "must be a tensor, array or list"),
+        (([3], None), "predicted choice 3, out of range for its 3 choices (0 to 2)"),
+        (([-1], None), "predicted choice -1, out of range"),
+        ((torch.tensor([1.0]), None), "predicted 1.0 (float), not a choice index"),
+        ((["1"], None), "predicted '1' (str), not a choice index"),
+        (([True], None), "predicted True (bool), not a choice index"),
+    ],
+)
+def test_broken_multiple_choice_output_is_refused_naming_task_and_row(returned, problem):
+    with pytest.raises(SubmissionError) as caught:
+        check_choices(returned, MC_EXAMPLE, task="mc", label="MyAvg.predict_multiple_choice")
+    message = str(caught.value)
+    assert message.startswith("task mc, row id 'q1': MyAvg.predict_multiple_choice") and (
+        problem in message
+    ), message
+
+
+@pytest.mark.parametrize(
+    ("returned", "problem"),
+    [
+        (["just text"], "must return (generated_ids, generated_texts)"),
+        ((None, "text"), "generated_texts must be a list of one str per example"),
+        ((None, []), "returned 0 generated text(s) for a batch of 1"),
+        ((None, ["a", "b"]), "returned 2 generated text(s) for a batch of 1"),
+        ((None, [None]), "generated None (NoneType), not text (a str)"),
+        ((None, [b"bytes"]), "generated b'bytes' (bytes), not text"),
+        ((None, [["tokens"]]), "generated ['tokens'] (list), not text"),
+        ((None, ["\ud800"]), "generated text that is not valid Unicode"),
+    ],
+)
+def test_broken_generation_output_is_refused_naming_task_and_row(returned, problem):
+    with pytest.raises(SubmissionError) as caught:
+        check_texts(returned, GEN_EXAMPLE, task="gen", label="MyAvg.generate")
+    message = str(caught.value)
+    assert message.startswith("task gen, row id 'g1': MyAvg.generate") and problem in message
+
+
+def test_valid_outputs_in_the_kits_forms_are_accepted():
+    import numpy
+
+    label = {"task": "mc", "label": "hook"}
+    assert check_choices((torch.tensor([2]), torch.zeros(1, 3)), MC_EXAMPLE, **label) == ["2"]
+    assert check_choices([numpy.array([1]), None], MC_EXAMPLE, **label) == ["1"]
+    assert check_choices(([numpy.int64(0)], None), MC_EXAMPLE, **label) == ["0"]
+    assert check_texts(([[1, 2]], ("a text",)), GEN_EXAMPLE, **label) == ["a text"]
+
+
+def method_file_with_hooks(tmp_path: Path, models: dict[str, Path], hooks: str) -> Path:
+    source = tmp_path / "submission.py"
+    model = {"model": str(models["base"]), "parameters": {"weight": 1.0}}
+    recipe = {"merge_method": "linear", "models": [model]}
+    source.write_text(f"RECIPE = {recipe!r}\n\n" + textwrap.dedent(hooks))
+    return source
+
+
+def test_single_file_submission_predicts_with_its_hooks(tmp_path, tasks, models, capsys):
+    source = method_file_with_hooks(
+        tmp_path,
+        models,
+        """\
+        import ast
+
+        from mergearena.evaluation import generate  # imported, not defined here: not a hook
+
+
+        def predict_multiple_choice(model, tokenizer, batch):
+            dtype = next(model.parameters()).dtype
+            print("HOOK GOT", type(model).__name__, dtype, model.training, tokenizer.pad_token)
+            last = [len(ast.literal_eval(text)) - 1 for text in batch["answer_choices"]]
+            return last, None
+        """,
+    )
+    result = run_job(job(tmp_path, tasks, source, kind="code"))
+
+    assert result["own_inference"] == ["submission.predict_multiple_choice"]
+    predictions = tmp_path / "out" / "predictions"
+    assert read_predictions(predictions / "mc.csv") == {"q1": "2", "q2": "1"}
+    assert "HOOK GOT LlamaForCausalLM torch.float32 False <pad>" in capsys.readouterr().out
+    assert list(read_predictions(predictions / "gen.csv")) == ["s1", "s2"]  # mergearena's
+
+
+def test_single_file_hook_output_out_of_range_fails_naming_task_and_row(tmp_path, tasks, models):
+    source = method_file_with_hooks(
+        tmp_path,
+        models,
+        """\
+        def predict_multiple_choice(model, tokenizer, batch):
+            return [5], None
+        """,
+    )
+    with pytest.raises(SubmissionError) as caught:
+        run_job(job(tmp_path, tasks, source, kind="code"))
+    assert str(caught.value) == (
+        "task mc, row id 'q1': submission.predict_multiple_choice: predicted choice 5, "
+        "out of range for its 3 choices (0 to 2)"
+    )
+    assert not (tmp_path / "out" / "predictions").exists()
+
+
+def test_single_file_hook_with_a_wrong_signature_is_refused_before_merging(tmp_path, tasks, models):
+    source = method_file_with_hooks(tmp_path, models, "def generate(batch):\n    return None\n")
+    with pytest.raises(SubmissionError, match=r"generate must be a function of \(model, tok"):
+        run_job(job(tmp_path, tasks, source, kind="code"))
+    assert not (tmp_path / "out" / "model").exists()

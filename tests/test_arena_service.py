@@ -210,6 +210,20 @@ def test_a_recipe_naming_a_model_outside_the_allowlist_is_refused(arena) -> None
     assert "meta-llama/Llama-3-8B" in detail and "zoo:*" in detail
 
 
+def test_each_half_of_a_model_plus_adapter_and_the_tokenizer_source_is_checked(arena) -> None:
+    client, _ = arena
+    headers = _team(client, "alpha")
+    recipe = b"merge_method: linear\nparameters: {weight: 1.0}\nmodels:\n  - model: %s\n"
+    accepted = _submit(client, headers, content=recipe % b"zoo:smollm2-135m+zoo:spam-lora")
+    assert accepted.status_code == 201, accepted.text
+    for refused, content in [
+        ("org/adapter", recipe % b"zoo:smollm2-135m+org/adapter"),
+        ("org/tokenizer", recipe % b"zoo:spam" + b"tokenizer_source: org/tokenizer\n"),
+    ]:
+        response = _submit(client, headers, content=content)
+        assert response.status_code == 400 and refused in response.json()["detail"], refused
+
+
 def test_an_invalid_recipe_is_refused_with_the_reason(arena) -> None:
     client, _ = arena
     response = _submit(client, _team(client, "alpha"), content=b"merge_method: nosuch\n")

@@ -1,5 +1,6 @@
 """Real submissions end to end: queued in a SQLite file, claimed by a worker, run by the runner in
-the sandbox, scored against hidden targets. Tiny random models; no zoo, no downloads."""
+the sandbox, scored against hidden targets. Tiny random models and no downloads; one test (marked
+``zoo``) uses the prepared zoo's base model."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from mergearena.arena import queue, service
 from mergearena.arena.db import Submission, open_database
 from mergearena.arena.sandbox import sandbox_available
 from mergearena.arena.worker import WorkerSettings, work_once
+from mergearena.evaluation.metrics import generation_metrics
 
 pytestmark = pytest.mark.slow
 needs_sandbox = pytest.mark.skipif(
@@ -114,7 +116,26 @@ def test_a_job_whose_worker_died_is_run_again_by_another(arena, models) -> None:
     assert done.status == "scored" and done.attempts == 2
 
 
-def _starter_kit_tarball(models) -> bytes:
+def test_a_model_plus_adapter_recipe_passes_the_allowlist_and_is_scored(arena, models) -> None:
+    """mergekit's documented ``BASE+ADAPTER`` form, each half on the allowlist (not the pair)."""
+    submit, run, _, _ = arena
+    recipe = textwrap.dedent(f"""\
+        merge_method: linear
+        models:
+          - model: {models["base"]}+{models["lora1"]}
+          - model: {models["base"]}+{models["lora2"]}
+        parameters: {{weight: 0.5}}
+        """).encode()
+    submit("recipe.yaml", recipe)
+    done = run()
+    assert done.status == "scored", (done.error, done.log)
+    assert set(done.scores) == {"mc", "gen"}
+    used = ", ".join(str(models[name]) for name in ("base", "lora1", "lora2"))
+    assert "merged with linear in" in done.log and used in done.log, done.log
+
+
+def _starter_kit_tarball(models, methods: str = "") -> bytes:
+    """The starter kit with a MyAvg method; ``methods`` (at class-body indent) are added to it."""
     method = textwrap.dedent(f"""\
         import torch
         from llm_merging.merging.Merges import Merges
@@ -147,7 +168,7 @@ def _starter_kit_tarball(models) -> bytes:
                 set_peft_model_state_dict(self.base_model, self.merged_model)
                 self.base_model = self.base_model.merge_and_unload()
                 return self.base_model
-        """)
+        """) + textwrap.indent(textwrap.dedent(methods), "    ")
     files = {
         "LLM-Merging/llm_merging/__init__.py": "",
         "LLM-Merging/llm_merging/merging/__init__.py": "from .MyAvg import MyAvg\n",
@@ -174,6 +195,126 @@ def test_a_starter_kit_tarball_runs_unmodified_in_the_sandbox(arena, models) -> 
     done = run()
     assert done.status == "scored", done.log
     assert set(done.scores) == {"mc", "gen"}
+
+
+def _tarball(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def full_weight_starter_kit(base: str, experts: list[str]) -> bytes:
+    """A starter-kit tarball, in the kit's own layout, whose method averages full-weight models
+    (``("zoo:sentiment", None)``, ...) and loads the average into ``base``."""
+    method = textwrap.dedent(f"""\
+        from llm_merging.merging.Merges import Merges
+
+
+        class FullAvg(Merges):
+            def __init__(self, name):
+                super().__init__(name)
+                self.list_models = {[(expert, None) for expert in experts]!r}
+                self.base_model_name = {base!r}
+                self.base_model_revision_id = None
+                self.is_peft = False
+                self.max_seq_len = None
+                self.max_gen_len = 4
+                self.architecture = "decoder"
+                self.loaded_models = {{}}
+                self.loaded_configs = {{}}
+                self.merged_model = {{}}
+
+            def merge(self):
+                super()._load_huggingface_models_and_configs()
+                states = list(self.loaded_models.values())
+                for name in states[0]:
+                    self.merged_model[name] = sum(s[name] for s in states) / len(states)
+                super()._load_base_model()
+                self.base_model.load_state_dict(self.merged_model)
+                return self.base_model
+        """)
+    return _tarball(
+        {
+            "LLM-Merging/llm_merging/__init__.py": "",
+            "LLM-Merging/llm_merging/merging/__init__.py": "from .FullAvg import FullAvg\n",
+            "LLM-Merging/llm_merging/merging/FullAvg.py": method,
+            "LLM-Merging/llm_merging/main.py": (
+                "from llm_merging.merging import *\n\n"
+                "def all_merge_handlers():\n    return {'full_avg': FullAvg}\n"
+            ),
+        }
+    )
+
+
+@needs_sandbox
+def test_a_job_asking_for_an_unbuilt_zoo_model_fails_with_a_clear_message(
+    arena, models, tmp_path: Path, monkeypatch
+) -> None:
+    """Nothing builds inside the sandbox (the cache is read-only there); the worker builds
+    nothing without a prepared zoo base: the team's log says what is missing, no traceback."""
+    submit, run, sessions, _ = arena
+    monkeypatch.setenv("MERGEARENA_CACHE", str(tmp_path / "fresh-cache"))
+    with sessions() as session:
+        competition = service.get_competition(session, "tiny")
+        competition.allowed_models = [*competition.allowed_models, "zoo:*"]
+        session.commit()
+    submit("LLM-Merging.tar.gz", full_weight_starter_kit(str(models["base"]), ["zoo:sentiment"]))
+    done = run()
+    assert done.status == "failed", done.log
+    assert "zoo:sentiment, the sentiment expert with full weights, is not built" in done.log
+    assert "mergearena zoo prepare" in done.log and "Traceback" not in done.log, done.log
+    assert not (tmp_path / "fresh-cache").exists()
+
+
+@needs_sandbox
+@pytest.mark.zoo
+def test_full_weight_zoo_experts_are_built_by_the_worker_on_a_fresh_cache(
+    arena, tmp_path: Path, monkeypatch
+) -> None:
+    """A starter-kit tarball listing the zoo's full-weight experts, on a fresh arena and cache:
+    the worker builds what the competition admits before the run, outside the sandbox."""
+    import os
+    import shutil
+
+    from mergearena.checkpoints.refs import (
+        ZOO_BASE_NAME,
+        resolve_model_ref,
+        zoo_model_dir,
+        zoo_model_problem,
+    )
+    from mergearena.errors import CheckpointError
+
+    prepared = zoo_model_dir(ZOO_BASE_NAME)
+    if zoo_model_problem(prepared) is not None:
+        pytest.skip("the zoo is not prepared: run `mergearena zoo prepare`")
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared, cache / "zoo" / ZOO_BASE_NAME, copy_function=os.link)
+    monkeypatch.setenv("MERGEARENA_CACHE", str(cache))
+    with pytest.raises(CheckpointError, match="zoo:sentiment, .* is not built"):
+        resolve_model_ref("zoo:sentiment")  # a lookup builds nothing
+    assert [p.name for p in (cache / "zoo").iterdir()] == [ZOO_BASE_NAME]
+
+    submit, run, sessions, _ = arena
+    allowed = [f"zoo:{ZOO_BASE_NAME}", "zoo:sentiment", "zoo:spam"]
+    with sessions() as session:
+        competition = service.get_competition(session, "tiny")
+        competition.allowed_models = allowed
+        competition.time_limit_seconds = 600
+        session.commit()
+    tarball = full_weight_starter_kit(f"zoo:{ZOO_BASE_NAME}", ["zoo:sentiment", "zoo:spam"])
+    submit("LLM-Merging.tar.gz", tarball)
+    done = run()
+    assert done.status == "scored", (done.error, done.log)
+    assert set(done.scores) == {"mc", "gen"}
+    assert "zoo:sentiment, zoo:spam" in done.log and "Traceback" not in done.log, done.log
+    built = sorted(p.name for p in (cache / "zoo").iterdir())
+    assert built == sorted([ZOO_BASE_NAME, "sentiment", "spam"])  # what the competition admits
+    assert all(zoo_model_problem(cache / "zoo" / name) is None for name in built)
 
 
 def _method_file(models, prelude: str) -> bytes:
@@ -235,6 +376,70 @@ def test_a_crashing_submission_fails_with_its_log(arena, models) -> None:
     done = run()
     assert done.status == "failed"
     assert "boom from the submission" in done.log
+
+
+@needs_sandbox
+def test_a_starter_kit_submission_is_scored_on_its_own_predictions(arena, models) -> None:
+    submit, run, _, _ = arena
+    overrides = """\
+        def predict_multiple_choice(self, batch):
+            return torch.zeros(len(batch["input"]), dtype=torch.long), None  # the first choice
+
+        def generate(self, batch):
+            return None, ["hi there"] * len(batch["input"])
+    """
+    submit("LLM-Merging.tar.gz", _starter_kit_tarball(models, overrides))
+    done = run()
+    assert done.status == "scored", (done.error, done.log)
+    assert done.scores["mc"] == 0.5  # the share of first-choice targets
+    assert done.scores["gen"] == generation_metrics("hi there", "hi")["rougeL"]
+    assert "predicted mc: 2 rows by MyAvg.predict_multiple_choice (the submission's" in done.log
+    assert "predicted gen: 1 rows by MyAvg.generate (the submission's own code)" in done.log
+
+
+@needs_sandbox
+def test_own_inference_that_raises_fails_with_its_traceback(arena, models) -> None:
+    submit, run, _, _ = arena
+    raises = """\
+        def predict_multiple_choice(self, batch):
+            return 1 / 0
+    """
+    submit("LLM-Merging.tar.gz", _starter_kit_tarball(models, raises))
+    done = run()
+    assert done.status == "failed"
+    assert "Traceback" in done.log and "return 1 / 0" in done.log, done.log
+    expected = "task mc, row id 'q1': MyAvg.predict_multiple_choice raised ZeroDivisionError"
+    assert expected in done.error and expected in done.log
+
+
+@needs_sandbox
+def test_a_hook_returning_bytes_fails_naming_task_and_row(arena, models) -> None:
+    submit, run, _, _ = arena
+    hook = """\
+        def generate(model, tokenizer, batch):
+            return None, [b"bytes"] * len(batch["input"])
+        """
+    submit("hooks.py", _method_file(models, hook))
+    done = run()
+    assert done.status == "failed", done.log
+    assert "task gen, row id 'g1': hooks.generate: generated b'bytes' (bytes)" in done.error
+
+
+@needs_sandbox
+def test_the_time_limit_covers_the_submissions_own_inference(arena, models) -> None:
+    submit, run, _, _ = arena
+    hook = """\
+        import time
+
+        def generate(model, tokenizer, batch):
+            print("inferring", flush=True)
+            time.sleep(600)
+        """
+    # 40 s: time for the runner to start and merge on a busy machine, then the hook sleeps
+    submit("sleepy.py", _method_file(models, hook), time_limit=40)
+    done = run()
+    assert done.status == "timed_out" and "time limit of 40 s" in done.error
+    assert "merged with linear" in done.log and "inferring" in done.log, done.log
 
 
 @needs_sandbox

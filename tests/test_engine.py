@@ -1,17 +1,19 @@
 """End to end: recipes over tiny real checkpoints, merged, written, loaded back by transformers."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import typical_value
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mergearena import merge
 from mergearena.cli import app
 from mergearena.engine import iter_output_tensors
-from mergearena.errors import CheckpointError, RecipeError, ShapeMismatchError
+from mergearena.errors import CheckpointError, MergeError, RecipeError, ShapeMismatchError
 
 
 def load_state(directory: Path) -> dict[str, torch.Tensor]:
@@ -399,5 +401,98 @@ def test_a_method_refusing_its_parameters_names_the_tensor_and_writes_nothing(tr
         ],
     }
     with pytest.raises(RecipeError, match="linear cannot merge tensor .*sum to zero"):
+        merge(recipe, tmp_path / "out")
+    assert_nothing_written(tmp_path)
+
+
+# --- what people merge: LoRA experts leave most tensors untouched ---------------------------------
+
+
+def _full_weight_methods_with_two_models():
+    from mergearena.methods import all_methods
+
+    for spec in all_methods():
+        if spec.output == "tensor" and spec.min_models <= 2 and (spec.max_models or 2) >= 2:
+            yield pytest.param(spec, id=spec.name)
+
+
+@pytest.mark.parametrize("spec", list(_full_weight_methods_with_two_models()))
+def test_every_method_merges_lora_experts_into_a_bf16_base_keeping_untouched_tensors(
+    spec, make_checkpoint, make_lora, tmp_path
+):
+    """The zoo's bug, for every method in the registry: two LoRA experts on q/v into a bf16 base.
+    Every tensor no adapter targets (embeddings, norms, other projections) is the base's exactly,
+    and nothing is NaN."""
+    base = make_checkpoint("llama", seed=0, dtype=torch.bfloat16)
+    experts = [make_lora(base, seed=seed, r=2) for seed in (1, 2)]
+    per_model, global_ = {}, {}
+    for parameter in spec.parameters:
+        if parameter.required:
+            target = per_model if parameter.per_model else global_
+            target[parameter.name] = typical_value(parameter)
+    recipe = {
+        "merge_method": spec.name,
+        "models": [{"model": str(expert), "parameters": per_model} for expert in experts],
+        "parameters": global_,
+        "dtype": "bfloat16",
+    }
+    if spec.base != "none":
+        recipe["base_model"] = str(base)
+    merge(recipe, tmp_path / "out")
+    merged = load_state(tmp_path / "out")
+    original = dict(iter_output_tensors(base))
+    for name, tensor in merged.items():
+        assert torch.isfinite(tensor.float()).all(), f"{spec.name} wrote NaN/Inf into {name}"
+        if "q_proj" not in name and "v_proj" not in name:
+            assert torch.equal(tensor, original[name]), f"{spec.name} moved untouched {name}"
+
+
+def test_a_method_overflowing_to_inf_stops_the_merge_naming_method_and_tensor(trio, tmp_path):
+    base, a, b = trio
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(p), "parameters": {"weight": 3e38}} for p in (a, b)],
+        "parameters": {"normalize": False},
+    }
+    with pytest.raises(MergeError) as error:
+        merge(recipe, tmp_path / "out")
+    message = str(error.value)
+    assert "linear produced NaN or Inf" in message
+    assert re.search(r"of tensor model\.\S+\.weight", message)
+    assert "nothing was written" in message
+    assert_nothing_written(tmp_path)
+
+
+def test_a_nan_in_an_adapter_names_the_adapter(make_checkpoint, make_lora, tmp_path):
+    base = make_checkpoint("llama", seed=0)
+    good, bad = make_lora(base, seed=1), make_lora(base, seed=2)
+    path = bad / "adapter_model.safetensors"
+    state = load_file(path)
+    name = next(key for key in state if "lora_B" in key)
+    state[name][0, 0] = float("nan")
+    save_file(state, path, metadata={"format": "pt"})
+    for method in ("task_arithmetic", "lora_concat"):
+        recipe = {
+            "merge_method": method,
+            "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in (good, bad)],
+        }
+        if method == "task_arithmetic":
+            recipe["base_model"] = str(base)
+        with pytest.raises(CheckpointError, match="NaN or Inf") as error:
+            merge(recipe, tmp_path / "out")
+        assert str(bad) in str(error.value)
+        assert_nothing_written(tmp_path)
+
+
+def test_an_adapter_merge_overflowing_to_inf_stops_with_nothing_written(
+    make_checkpoint, make_lora, tmp_path
+):
+    base = make_checkpoint("llama", seed=0)
+    adapters = [make_lora(base, seed=seed) for seed in (1, 2)]
+    recipe = {
+        "merge_method": "lora_concat",
+        "models": [{"model": str(p), "parameters": {"weight": 3e38}} for p in adapters],
+    }
+    with pytest.raises(MergeError, match="lora_concat produced NaN or Inf"):
         merge(recipe, tmp_path / "out")
     assert_nothing_written(tmp_path)

@@ -15,6 +15,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergearena.checkpoints import refs
 from mergearena.checkpoints.refs import resolve_model_ref
 from mergearena.errors import CheckpointError
 from mergearena.zoo import base as zoo_base
@@ -759,7 +761,7 @@ def toy_zoo(zoo_cache, make_checkpoint, make_lora, tmp_path, monkeypatch):
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = "zoo:smollm2-135m"
     config_path.write_text(json.dumps(config))
-    monkeypatch.setattr(catalog, "EXPERTS_DIR", experts)
+    monkeypatch.setattr(refs, "ZOO_EXPERTS_DIR", experts)
     return base, experts / "toy"
 
 
@@ -781,6 +783,31 @@ def test_zoo_refs_resolve_the_base_and_the_adapters(toy_zoo):
             resolve_model_ref(bad)
 
 
+def test_a_full_expert_that_is_not_built_is_a_clear_error_and_nothing_is_written(
+    toy_zoo, zoo_cache
+):
+    before = sorted(p.relative_to(zoo_cache) for p in zoo_cache.rglob("*"))
+    with pytest.raises(
+        CheckpointError,
+        match=r"zoo:toy, the toy expert with full weights, is not built \(not prepared in "
+        r".*toy\); build it with `mergearena zoo prepare`, or use its adapter, zoo:toy-lora\.",
+    ):
+        resolve_model_ref("zoo:toy")
+    assert sorted(p.relative_to(zoo_cache) for p in zoo_cache.rglob("*")) == before
+
+
+def test_the_zoo_resolves_without_importing_zoo_code():
+    """Resolving a reference looks, never builds: it needs none of the zoo's (building) code."""
+    code = (
+        "import sys; from mergearena.checkpoints import resolve_model_ref\n"
+        "for ref in ('zoo:smollm2-135m', 'zoo:spam', 'zoo:spam-lora'):\n"
+        "    try:\n        resolve_model_ref(ref)\n    except Exception:\n        pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mergearena.zoo')))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
 def test_zoo_full_expert_is_base_plus_the_lora_delta(toy_zoo, monkeypatch, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -796,8 +823,8 @@ def test_zoo_full_expert_is_base_plus_the_lora_delta(toy_zoo, monkeypatch, capsy
         return real_merge(*args, **kwargs)
 
     monkeypatch.setattr(mergearena.engine, "merge", counting_merge)
-    full = resolve_model_ref("zoo:toy")
-    assert full == base.parent / "toy"
+    (full,) = catalog.build_experts()
+    assert full == base.parent / "toy" == resolve_model_ref("zoo:toy")
     assert len(merges) == 1 and "building zoo:toy" in capsys.readouterr().err
     assert zoo_base.check_manifest(full, verify=True) is None
 
@@ -822,11 +849,14 @@ def test_zoo_full_expert_is_base_plus_the_lora_delta(toy_zoo, monkeypatch, capsy
         else:
             assert torch.equal(tensor, base_weights[name].to(torch.bfloat16)), name
 
-    assert resolve_model_ref("zoo:toy") == full  # built once
+    assert catalog.build_expert("toy") == full  # built once
     assert len(merges) == 1 and capsys.readouterr().err == ""
     (full / "model.safetensors").write_bytes(b"damaged")
-    assert resolve_model_ref("zoo:toy") == full
+    with pytest.raises(CheckpointError, match=r"not built \(model.safetensors has 7 bytes"):
+        resolve_model_ref("zoo:toy")
+    assert catalog.build_expert("toy") == full
     assert len(merges) == 2 and zoo_base.check_manifest(full, verify=True) is None
+    assert resolve_model_ref("zoo:toy") == full
     assert _siblings(full) == ["smollm2-135m", "toy"]
 
 
@@ -844,7 +874,7 @@ def test_zoo_refs_need_a_prepared_base(toy_zoo):
         match="zoo:toy is built from zoo:smollm2-135m, which is "
         "not prepared; run `mergearena zoo prepare` first",
     ):
-        resolve_model_ref("zoo:toy")
+        catalog.build_expert("toy")
     assert not (base.parent / "toy").exists()
     assert resolve_model_ref("zoo:toy-lora") == adapter  # committed: needs no base
     shutil.rmtree(base)
@@ -853,7 +883,7 @@ def test_zoo_refs_need_a_prepared_base(toy_zoo):
 
 
 def test_zoo_with_no_experts_lists_only_the_base(zoo_cache, tmp_path, monkeypatch):
-    monkeypatch.setattr(catalog, "EXPERTS_DIR", tmp_path / "none")
+    monkeypatch.setattr(refs, "ZOO_EXPERTS_DIR", tmp_path / "none")
     assert catalog.expert_names() == []
     with pytest.raises(CheckpointError, match="it has: smollm2-135m\\."):
         resolve_model_ref("zoo:toy")

