@@ -235,13 +235,13 @@ def test_adapter_through_peft_equals_our_lora_deltas(tmp_path, make_checkpoint, 
     base = make_checkpoint("llama", seed=0)
     adapter = make_lora(base, seed=2, targets=("q_proj", "v_proj", "down_proj"))
     task = load_task(write_task(tmp_path / "mc.csv", MC_ROWS))
-    through_peft = evaluate(LanguageModel.load(base, adapter=adapter), [task])[0]
+    through_peft = evaluate(LanguageModel.load(base, adapter=adapter, dtype="float32"), [task])[0]
     weights = _read_weights(base)
     with LoraAdapter.open(adapter) as lora:
         for name in lora.target_weight_names():
             weights[name] = weights[name] + lora.delta(name, weights[name].shape).float()
-    ours = evaluate(LanguageModel.from_state_dict(base, weights), [task])[0]
-    plain = evaluate(LanguageModel.load(base), [task])[0]
+    ours = evaluate(LanguageModel.from_state_dict(base, weights, dtype="float32"), [task])[0]
+    plain = evaluate(LanguageModel.load(base, dtype="float32"), [task])[0]
     for a, b in zip(through_peft.examples, ours.examples, strict=True):
         assert a.scores == pytest.approx(b.scores, abs=1e-4)
     assert through_peft.examples[0].scores != pytest.approx(plain.examples[0].scores, abs=1e-3)
@@ -285,7 +285,8 @@ def test_eval_command(tmp_path, make_checkpoint):
     assert result.exit_code == 0, result.output
     assert "average" in result.output
     scores = json.loads((out / "scores.json").read_text())
-    assert set(scores["tasks"]) == {"mc", "gen"} and scores["dtype"] == "float32"
+    assert set(scores["tasks"]) == {"mc", "gen"}
+    assert scores["dtype"] in ("float32", "bfloat16")  # auto: what this machine runs fast
     again = CliRunner().invoke(app, _spread_list_options(args))
     assert again.exit_code == 2 and "already exists" in _text(again)
     bad = write_task(tmp_path / "bad.csv", [("1", "x", "9", "['a', 'b']", "multiple_choice")])

@@ -82,7 +82,13 @@ DownloadOption = Annotated[
     bool, typer.Option(help="Download hub models missing from the local cache.")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-DtypeOption = Annotated[str, typer.Option(help="Evaluation dtype: float32, bfloat16 or float16.")]
+DtypeOption = Annotated[
+    str,
+    typer.Option(
+        help="Evaluation dtype: auto (bfloat16 on CUDA and on CPUs with native bfloat16, float32 "
+        "elsewhere), float32, bfloat16 or float16."
+    ),
+]
 LimitOption = Annotated[int | None, typer.Option(help="Only the first N rows of each task.")]
 
 
@@ -203,6 +209,15 @@ def _evaluation_options(
     return size, mc_rule
 
 
+def _print_dtype(dtype: str, device: str, quiet: bool = False) -> None:
+    """Say which dtype ``auto`` chose, and why (bad names fail here, before any work)."""
+    from mergearena.dtypes import AUTO, choose_dtype
+
+    choice = choose_dtype(dtype, device)
+    if dtype == AUTO and not quiet:
+        console.print(choice.describe(dtype), highlight=False)
+
+
 def _evaluate_and_write(
     model: str,
     adapter: Path | None,
@@ -230,6 +245,7 @@ def _evaluate_and_write(
     loaded = [load_task(path, limit=limit) for path in tasks]  # every file checked before loading
     if out.exists() and not force:
         raise MergeArenaError(f"{out}: output already exists; choose another or pass --force")
+    _print_dtype(dtype, device, quiet)
     lm = LanguageModel.load(
         model, adapter=adapter, device=device, dtype=dtype, allow_download=allow_download
     )
@@ -258,7 +274,7 @@ def _evaluate_and_write(
         model=model,
         adapter=str(adapter) if adapter else None,
         device=device,
-        dtype=dtype,
+        dtype=str(lm.dtype).removeprefix("torch."),  # what auto chose
         **about,
     )
     table = Table(title=f"scores of {model}" + (f" + {adapter}" if adapter else ""))
@@ -344,7 +360,7 @@ def eval_command(
     ] = None,
     batch_size: BatchSizeOption = "auto",
     device: DeviceOption = "cpu",
-    dtype: DtypeOption = "float32",
+    dtype: DtypeOption = "auto",
     mc_rule: McRuleOption = None,
     chat_template: ChatOption = None,
     fewshot: FewshotOption = None,
@@ -393,7 +409,7 @@ def run(
     out: OutOption,
     batch_size: BatchSizeOption = "auto",
     device: DeviceOption = "cpu",
-    dtype: DtypeOption = "float32",
+    dtype: DtypeOption = "auto",
     mc_rule: McRuleOption = None,
     chat_template: ChatOption = None,
     fewshot: FewshotOption = None,
@@ -407,12 +423,14 @@ def run(
     quiet: QuietOption = False,
 ) -> None:
     """Merge a recipe, then evaluate the result: OUT/model holds the merge, OUT/eval the scores."""
+    from mergearena.dtypes import choose_dtype
     from mergearena.engine import merge as run_merge
     from mergearena.evaluation import load_task
     from mergearena.recipe import parse_recipe
 
     try:
         _evaluation_options(batch_size, mc_rule, limit)  # bad options fail before the merge
+        choose_dtype(dtype, device)
         strategy = _strategy_options(
             fewshot=fewshot,
             fewshot_from=fewshot_from,
@@ -489,7 +507,7 @@ def demo(
         int, typer.Option(help="Rows per task (0: the whole split, 300 per task).")
     ] = 50,
     device: DeviceOption = "cpu",
-    dtype: DtypeOption = "bfloat16",
+    dtype: DtypeOption = "auto",
     batch_size: BatchSizeOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
@@ -502,6 +520,7 @@ def demo(
 
     try:
         size, _ = _evaluation_options(batch_size, None, limit or None)
+        _print_dtype(dtype, device, quiet)
         chosen = recipes or default_recipes()
         rows = run_leaderboard(
             chosen,
@@ -803,7 +822,7 @@ def worker(
     db: DbOption = None,
     data_dir: DataDirOption = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="Model dtype for evaluation.")] = "bfloat16",
+    dtype: DtypeOption = "auto",
     until_empty: Annotated[
         bool, typer.Option("--until-empty", help="Stop when the queue is empty.")
     ] = False,
@@ -815,6 +834,7 @@ def worker(
 
     try:
         sessions, directory = _arena_database(db, data_dir)
+        _print_dtype(dtype, device)
         settings = WorkerSettings(
             data_dir=directory, device=device, dtype=dtype, lease_seconds=lease_seconds
         )

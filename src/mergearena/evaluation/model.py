@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from mergearena.dtypes import choose_dtype
 from mergearena.errors import CheckpointError, EvaluationError
 
 # Tokenizer classes (without "Fast") whose add_eos_token attribute worked in transformers 4.40-4.44.
@@ -22,14 +23,11 @@ EOS_APPENDING_TOKENIZERS = frozenset(
         "CohereTokenizer",
     }
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise EvaluationError(f"dtype {name!r} is not one of {', '.join(DTYPES)}") from None
+def parse_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """``float32``, ``bfloat16``, ``float16``, or ``auto`` (see ``mergearena.dtypes``)."""
+    return choose_dtype(name, device).dtype
 
 
 def parse_device(name: str) -> torch.device:
@@ -116,7 +114,7 @@ class LanguageModel:
         *,
         adapter: str | Path | None = None,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str = "auto",
         allow_download: bool = False,
     ) -> LanguageModel:
         """Load a checkpoint (a directory, ``zoo:NAME`` or a cached hub id), optionally + LoRA.
@@ -134,7 +132,7 @@ class LanguageModel:
             if not base:
                 raise CheckpointError(f"{ref}: a LoRA adapter that names no base model")
             adapter, directory = directory, resolve_model_ref(base, allow_download=allow_download)
-        torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
+        torch_device, torch_dtype = parse_device(device), parse_dtype(dtype, device)
         model = _load_model(directory, torch_dtype)
         if adapter is not None:
             adapter_dir = resolve_model_ref(str(adapter), allow_download=allow_download)
@@ -149,14 +147,14 @@ class LanguageModel:
         state_dict: Mapping[str, torch.Tensor],
         *,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str = "auto",
         name: str = "merged",
     ) -> LanguageModel:
         """A model with ``base``'s config and tokenizer and the given weights, never written."""
         from mergearena.checkpoints.refs import resolve_model_ref
 
         directory = resolve_model_ref(str(base))
-        model = _model_from_config(directory, parse_dtype(dtype))
+        model = _model_from_config(directory, parse_dtype(dtype, device))
         result = model.load_state_dict(dict(state_dict), strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         missing = [k for k in result.missing_keys if k not in tied]

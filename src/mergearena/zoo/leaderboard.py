@@ -56,7 +56,7 @@ def run_leaderboard(
     include_base: bool = True,
     include_experts: bool = True,
     device: str = "cpu",
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     batch_size: int | str = "auto",
     overwrite: bool = False,
     progress: bool = False,
