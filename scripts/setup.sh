@@ -17,4 +17,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         .venv/bin/pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
     fi
 fi
-.venv/bin/pip install --quiet -e ".[test]"
+# The versions CI tested (constraints.txt), so a fresh machine does not pick up a release that
+# changed behaviour since (transformers 5.24 renamed the KV-cache argument, for one).
+.venv/bin/pip install --quiet -c constraints.txt -e ".[test]"

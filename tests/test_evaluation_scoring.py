@@ -330,7 +330,7 @@ def test_starter_kit_rule_equals_the_kit_on_smollm2():
     task_file = tasks_dir() / "validation" / "mmlu.csv"
     if problem is not None or not task_file.is_file():
         pytest.skip(f"the zoo is not prepared ({problem or 'no task files'}); run zoo prepare")
-    lm = LanguageModel.load(f"zoo:{BASE_NAME}")
+    lm = LanguageModel.load(f"zoo:{BASE_NAME}", dtype="float32")  # exact comparison
     wanted = {f"mmlu-validation-{number}" for number in ZOO_MIXED_ROWS}
     rows = [e for e in load_task(task_file, limit=60).examples if e.id in wanted]
     assert len(rows) == len(ZOO_MIXED_ROWS)

@@ -90,6 +90,20 @@ def _logits_to_keep_support(model_class: type) -> tuple[bool, bool]:
     return True, "slice_logits_to_keep" in source
 
 
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """The name ``forward`` takes the KV cache by: ``cache`` from transformers 5.24 on (which
+    warns on every call given ``past_key_values``), ``past_key_values`` before."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _returned_cache(out: object) -> object:
+    """The KV cache a forward returned, under either transformers' name for it."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values  # type: ignore[attr-defined]
+
+
 def encode_prompts(
     lm: LanguageModel, prompts: Sequence[str], *, special_tokens: bool = True
 ) -> list[list[int]]:
@@ -250,8 +264,8 @@ def _choice_pass(
         input_ids=fed,
         attention_mask=torch.cat([prompt_mask[owner], fed_mask], dim=1),
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
+        **{_cache_keyword(type(model)): cache},
         **extra,
     )
     logits = out.logits
@@ -282,9 +296,8 @@ def _decoder_batch(
     chunks = _length_chunks([len(choices[i][j]) - 1 for i, j in rows])
     for number, chunk in enumerate(chunks):
         # The last chunk takes the prompt cache itself; the others a copy of it.
-        cache = (
-            out.past_key_values if number == len(chunks) - 1 else copy.deepcopy(out.past_key_values)
-        )
+        prompt_cache = _returned_cache(out)
+        cache = prompt_cache if number == len(chunks) - 1 else copy.deepcopy(prompt_cache)
         chunk_rows = [rows[k] for k in chunk]
         for (i, j), value in zip(
             chunk_rows,
