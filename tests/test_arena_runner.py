@@ -25,7 +25,7 @@ from mergearena.arena.runner import (
 )
 from mergearena.arena.scoring import score_task
 from mergearena.errors import MergeArenaError
-from mergearena.evaluation import Example, Task, load_task
+from mergearena.evaluation import CotSettings, Example, Task, load_task
 from mergearena.evaluation.metrics import generation_metrics
 
 MC_ROWS = [
@@ -200,6 +200,88 @@ def test_job_spec_is_validated():
     assert spec.batch_size == 8 and spec.allowed_models == [] and spec.device == "cpu"
     with pytest.raises(MergeArenaError, match="kind.*'recipe' or 'code'.*tasks"):
         run_job({"kind": "zip", "submission": "x", "tasks": [], "out": "o"})
+
+
+@pytest.mark.parametrize(
+    ("strategy", "problem"),
+    [
+        ({"cot": {"max_new_tokens": 0}}, "cot: Value error, max_new_tokens: Input should be"),
+        ({"cot": {"paterns": "x"}}, "cot: Value error, paterns: Extra inputs"),
+        ({"cot": {"pattern": "no group"}}, "cot: Value error, pattern: needs a group"),
+        ({"fewshot": -1}, "fewshot: Input should be greater than or equal to 0"),
+    ],
+)
+def test_a_bad_strategy_in_a_job_is_refused_naming_the_key(strategy, problem):
+    with pytest.raises(MergeArenaError, match="invalid job") as refused:
+        run_job(
+            {"kind": "recipe", "submission": "r.yaml", "tasks": ["t.csv"], "out": "o", **strategy}
+        )
+    assert problem in str(refused.value)
+    spec = JobSpec(kind="recipe", submission="r", tasks=["t"], out="o", cot={"max_new_tokens": "8"})
+    assert spec.cot == {"max_new_tokens": 8}  # only the keys given: the rest stay each task's
+
+
+def test_the_jobs_strategy_reaches_the_evaluation(tmp_path, tasks, models):
+    recipe = recipe_file(tmp_path, models)
+    allowed = list(map(str, models.values()))
+    # cot: the built-in worked examples (the task has none), the job's settings over the defaults
+    cot = {"max_new_tokens": 2, "fallbacks": []}
+    out = tmp_path / "cot"
+    result = run_job(
+        job(
+            tmp_path,
+            tasks,
+            recipe,
+            allowed_models=allowed,
+            out=str(out),
+            mc_rule="cot",
+            fewshot=2,
+            cot=cot,
+        )
+    )
+    mc = result["tasks"]["mc"]
+    assert (mc["mc_rule"], mc["fewshot"]) == ("cot", 2)
+    assert mc["cot"]["max_new_tokens"] == 2 and mc["cot"]["fallbacks"] == []
+    assert mc["cot"]["pattern"] == CotSettings().pattern
+    # Two tokens of the tiny vocabulary hold no answer letter, and no fallback is allowed: both
+    # rows are misses, -1 (which the arena's scorer counts wrong).
+    assert read_predictions(out / "predictions" / "mc.csv") == {"q1": "-1", "q2": "-1"}
+    # letter, on the multiple-choice task only (a generation task without few-shot examples of
+    # its own cannot show one): the first of the sidecar's examples
+    folder = Path(tasks[0]).parent
+    shots = [{"input": "he was", "output": "yes"}, {"input": "it is", "output": "no"}]
+    (folder / "mc.json").write_text(json.dumps({"fewshot": shots}))
+    out = tmp_path / "letter"
+    result = run_job(
+        job(
+            tmp_path,
+            tasks[:1],
+            recipe,
+            allowed_models=allowed,
+            out=str(out),
+            mc_rule="letter",
+            fewshot=1,
+        )
+    )
+    mc = result["tasks"]["mc"]
+    assert (mc["mc_rule"], mc["fewshot"]) == ("letter", 1) and "cot" not in mc
+    # The letters are all <unk> to the tiny tokenizer: equal scores, so the first choice wins.
+    assert read_predictions(out / "predictions" / "mc.csv") == {"q1": "0", "q2": "0"}
+
+
+def test_a_strategy_the_tasks_cannot_follow_fails_before_the_merge(tmp_path, tasks, models):
+    spec = job(
+        tmp_path,
+        tasks,
+        recipe_file(tmp_path, models),
+        allowed_models=list(map(str, models.values())),
+        mc_rule="letter",
+        fewshot=2,
+    )
+    with pytest.raises(MergeArenaError, match="--fewshot 2, but the task has no few-shot"):
+        run_job(spec)
+    assert not (tmp_path / "out" / "model").exists()  # nothing was merged
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["status"] == "error"
 
 
 # ------------------------------------------------------------------------------------ method API
@@ -449,6 +531,31 @@ def test_compat_prediction_hooks(models, monkeypatch):
     assert predicted.tolist() == scores.argmax(1).tolist()
     ids, texts = method.generate(batch)
     assert len(texts) == 2 and all(isinstance(text, str) for text in texts) and len(ids) == 2
+
+
+def test_compat_multiple_choice_fails_only_where_the_kit_fails_on_the_batch(models, monkeypatch):
+    from llm_merging import submission
+    from llm_merging.merging.Merges import Merges
+    from mergearena.errors import EvaluationError
+    from mergearena.evaluation import StarterKitWarning
+
+    monkeypatch.setattr(submission, "policy", ModelPolicy())
+    method = Merges("plain")
+    method.base_model_name, method.architecture = str(models["base"]), "decoder"
+    method._load_base_model()
+    # The tiny tokenizer appends no EOS: "yes" and "no" are one token each, nothing to score.
+    alone = {"id": ["q1"], "input": ["he was"], "answer_choices": ["['yes', 'no']"]}
+    with pytest.raises(EvaluationError, match="one token long in 1 row\\(s\\): 'q1'"):
+        method.predict_multiple_choice(alone)  # as the kit's reshape fails on this batch
+    # The kit scores a batch at once: beside a row with tokens to score, q1 scores 0.0, no error.
+    batch = {
+        "id": ["q1", "q2"],
+        "input": ["he was", "the water"],
+        "answer_choices": ["['yes', 'no']", "['a way', 'no']"],
+    }
+    with pytest.warns(StarterKitWarning, match="'q1', 'q2'"):
+        predicted, scores = method.predict_multiple_choice(batch)
+    assert predicted.tolist()[0] == 0 and scores[0].tolist() == [0.0, 0.0]
 
 
 # ------------------------------------------------------------------- the submission's own inference

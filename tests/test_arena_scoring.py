@@ -37,6 +37,9 @@ def test_valid_predictions_are_scored(tmp_path):
     work = tmp_path / "work"
     mc = predictions_file(work, "mc", "id,prediction\nq2,0\nq1,0\n")  # any row order
     assert score_task(hidden(tmp_path, "mc", HIDDEN_MC), mc, root=work).value == 0.5
+    # -1: no answer (a chain of thought that read no letter), counted wrong and not refused
+    missed = predictions_file(work, "mc", "id,prediction\nq1,-1\nq2,1\n")
+    assert score_task(hidden(tmp_path, "mc", HIDDEN_MC), missed, root=work).value == 0.5
     gen = predictions_file(work, "gen", "id,prediction\ng1,hi there\n")
     expected = generation_metrics("hi there", "hi")["rougeL"]
     assert score_task(hidden(tmp_path, "gen", HIDDEN_GEN), gen, root=work).value == expected
@@ -48,8 +51,8 @@ def test_valid_predictions_are_scored(tmp_path):
         ("q1,0\n", "1 row id(s) without a prediction: 'q2'"),
         ("q1,0\nq2,1\nq3,0\n", "row id 'q3' (line 4): not an id of this task"),
         ("q1,0\nq2,1\nq1,1\n", "row id 'q1' (line 4): predicted twice (first on line 2)"),
-        ("q1,2\nq2,1\n", "row id 'q1' (line 2): '2' is not a choice index (0 to 1)"),
-        ("q1,-1\nq2,1\n", "row id 'q1' (line 2): '-1' is not a choice index"),
+        ("q1,2\nq2,1\n", "row id 'q1' (line 2): '2' is not a choice index (0 to 1, or -1"),
+        ("q1,-2\nq2,1\n", "row id 'q1' (line 2): '-2' is not a choice index"),
         ("q1,yes\nq2,1\n", "row id 'q1' (line 2): 'yes' is not a choice index"),
         ("q1,0,1\nq2,1\n", "line 2: 3 field(s), not 2 (id,prediction)"),
     ],

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import serve_in_thread
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import MetaData, Table, create_engine, select, text
 
-from mergearena.arena import queue, service
-from mergearena.arena.db import Submission, Team, open_database, utcnow
+from mergearena.arena import queue, service, worker
+from mergearena.arena.db import Submission, Team, make_engine, migrate, open_database, utcnow
+from mergearena.arena.runner import load_job
 from mergearena.arena.web import ArenaSettings, create_app
 
 ORGANIZER = {"Authorization": "Bearer organizer-secret"}
@@ -109,9 +110,44 @@ def test_schema_is_migrated_and_sqlite_uses_wal(database_url: str) -> None:
     sessions = open_database(database_url)
     open_database(database_url)  # a second open finds the schema current
     with sessions() as session:
-        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
         if database_url.startswith("sqlite"):
             assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_a_database_of_the_first_schema_is_upgraded_keeping_its_competitions(
+    database_url: str,
+) -> None:
+    engine = make_engine(database_url)
+    migrate(engine, "0001")
+    with engine.begin() as connection:
+        competitions = Table("competitions", MetaData(), autoload_with=connection)
+        assert "fewshot" not in competitions.c
+        connection.execute(
+            competitions.insert().values(
+                slug="old",
+                name="Old",
+                rules="",
+                allowed_models=["zoo:*"],
+                time_limit_seconds=60,
+                daily_submissions=1,
+                mc_rule="letter",
+                board_mode="best",
+                allow_unsandboxed=False,
+                created_at=utcnow(),
+            )
+        )
+    engine.dispose()
+    sessions = open_database(database_url)
+    with sessions() as session:
+        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        old = service.get_competition(session, "old")
+        # each task's own few-shot examples and CoT settings, as before the upgrade
+        assert (old.mc_rule, old.fewshot, old.cot) == ("letter", None, None)
+        old.fewshot, old.cot = 1, {"max_new_tokens": 8}
+        session.commit()
+    with sessions() as session:
+        assert service.get_competition(session, "old").cot == {"max_new_tokens": 8}
 
 
 def test_a_misspelt_competition_setting_is_refused(arena) -> None:
@@ -119,6 +155,92 @@ def test_a_misspelt_competition_setting_is_refused(arena) -> None:
     body = {"slug": "typo", "name": "Typo", "daily_submisions": 3}
     response = client.post("/api/competitions", json=body, headers=ORGANIZER)
     assert response.status_code == 422 and "daily_submisions" in response.text
+
+
+def test_a_competition_s_inference_strategy_is_stored_shown_and_given_to_its_jobs(
+    arena, tmp_path: Path
+) -> None:
+    client, sessions = arena
+    cot = {"max_new_tokens": "256", "fallbacks": ["answer-colon"]}
+    body = {"slug": "reasoned", "name": "Reasoned", "mc_rule": "cot", "fewshot": 2, "cot": cot}
+    created = client.post("/api/competitions", json=body, headers=ORGANIZER)
+    assert created.status_code == 201, created.text
+    expected = {"max_new_tokens": 256, "fallbacks": ["answer-colon"]}  # only the keys given
+    for document in (created.json(), client.get("/api/competitions/reasoned").json()):
+        assert (document["mc_rule"], document["fewshot"], document["cot"]) == ("cot", 2, expected)
+    assert client.get("/api/competitions/demo").json()["fewshot"] is None  # each task's own
+    # participants see how they are scored
+    page = client.get("/c/reasoned").text
+    assert "multiple choice by <b>cot</b>" in page and "2 few-shot example(s)" in page
+    assert "<code>max_new_tokens</code> 256" in page and "the rest as each task sets them" in page
+    demo = client.get("/c/demo").text
+    assert "by <b>loglik</b>" in demo and "each task's own few-shot examples" in demo
+    # the worker's job file carries the strategy, and the runner reads it back
+    added = client.post(
+        "/api/competitions/reasoned/phases/validation/tasks",
+        data={"name": "sentiment"},
+        files={"file": ("sentiment.csv", MC_TASK)},
+        headers=ORGANIZER,
+    )
+    assert added.status_code == 201, added.text  # cot: two of the built-in worked examples
+    response = _submit(client, _team(client, "alpha"), competition="reasoned")
+    assert response.status_code == 201, response.text
+    with sessions() as session:
+        submission = session.get(Submission, response.json()["id"])
+        settings = worker.WorkerSettings(data_dir=tmp_path)
+        (tmp_path / "job").mkdir()
+        job, _work, _targets = worker._write_job(settings, submission, tmp_path / "job")
+    spec = load_job(job)
+    assert (spec.mc_rule, spec.fewshot, spec.cot) == ("cot", 2, expected)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "problem"),
+    [
+        ({"mc_rule": "cot", "cot": {"max_new_tokens": 0}}, "cot: max_new_tokens: Input should"),
+        ({"mc_rule": "cot", "cot": {"paterns": "x"}}, "cot: paterns: Extra inputs"),
+        ({"mc_rule": "cot", "cot": {"pattern": "(("}}, "cot: pattern: not a regular expression"),
+        ({"mc_rule": "cot", "cot": {"fallbacks": ["guess"]}}, "cot: fallbacks.0: Input should be"),
+        ({"cot": {"max_new_tokens": 64}}, "cot settings apply only under mc_rule cot"),
+        ({"fewshot": -1}, "fewshot must be 0 or more"),
+        ({"mc_rule": "guess"}, "mc_rule 'guess' is not one of"),
+    ],
+)
+def test_a_bad_inference_strategy_is_refused_naming_the_key(arena, strategy, problem) -> None:
+    client, _ = arena
+    body = {"slug": "bad", "name": "Bad", **strategy}
+    response = client.post("/api/competitions", json=body, headers=ORGANIZER)
+    assert response.status_code == 400 and problem in response.json()["detail"], response.text
+
+
+def test_a_task_short_of_the_competition_s_few_shot_examples_is_refused(arena) -> None:
+    client, sessions = arena
+    body = {"slug": "shots", "name": "Shots", "mc_rule": "letter", "fewshot": 2}
+    assert client.post("/api/competitions", json=body, headers=ORGANIZER).status_code == 201
+    refused = client.post(
+        "/api/competitions/shots/phases/validation/tasks",
+        data={"name": "sentiment"},
+        files={"file": ("sentiment.csv", MC_TASK)},
+        headers=ORGANIZER,
+    )
+    assert refused.status_code == 400
+    detail = refused.json()["detail"]
+    assert (
+        "task sentiment cannot be asked as this competition sets (mc_rule letter, fewshot 2)"
+        in (detail)
+        and "no few-shot examples" in detail
+    )
+    shots = [{"input": "fine film", "output": "positive"}] * 2
+    with sessions() as session:  # a task whose sidecar holds two examples is taken
+        phase = service.get_phase(service.get_competition(session, "shots"), "validation")
+        service.add_task(
+            session,
+            client.app.state.settings.data_dir,
+            phase,
+            "sentiment",
+            MC_TASK,
+            {"fewshot": shots},
+        )
 
 
 def test_the_api_is_documented(arena) -> None:
@@ -492,8 +614,20 @@ def test_the_organizer_pages_create_a_competition_its_phases_and_tasks(arena) ->
         "rules": "r",
         "max_parameters_billions": "0.5",
         "board_mode": "latest",
+        "mc_rule": "cot",
+        "fewshot": "1",
+        "cot": '{"max_new_tokens": 32}',
     }
     assert client.post("/admin/competitions", data=form).status_code == 200  # after redirect
+    for cot, problem in [
+        ("{max_new_tokens: 32}", "cot: not JSON"),
+        ("[32]", "cot: a JSON object of settings is needed"),
+        ('{"stop": [""]}', "cot: stop: a stop string is empty"),
+    ]:
+        bad = client.post("/admin/competitions", data={**form, "slug": "third", "cot": cot})
+        assert bad.status_code == 400 and problem in bad.text, cot
+    plain = {**form, "slug": "plain", "mc_rule": "loglik", "fewshot": "", "cot": ""}
+    assert client.post("/admin/competitions", data=plain).status_code == 200
     client.post("/admin/phases", data={"competition": "second", "name": "final", "kind": "final"})
     task = {"competition": "second", "phase": "final", "name": "sentiment"}
     client.post("/admin/tasks", data=task, files={"file": ("s.csv", MC_TASK)})
@@ -501,6 +635,10 @@ def test_the_organizer_pages_create_a_competition_its_phases_and_tasks(arena) ->
         competition = service.get_competition(session, "second")
         assert competition.allowed_models == ["zoo:*", "./local"]
         assert competition.max_parameters == 500_000_000 and competition.board_mode == "latest"
+        assert (competition.mc_rule, competition.fewshot) == ("cot", 1)
+        assert competition.cot == {"max_new_tokens": 32}
+        plain = service.get_competition(session, "plain")
+        assert (plain.mc_rule, plain.fewshot, plain.cot) == ("loglik", None, None)
         assert [(p.name, p.kind) for p in competition.phases] == [
             ("validation", "validation"),
             ("final", "final"),

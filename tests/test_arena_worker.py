@@ -107,6 +107,23 @@ def test_a_recipe_is_merged_predicted_and_scored(arena, models) -> None:
     assert done.attempts == 1 and done.finished_at is not None
 
 
+def test_a_chain_of_thought_competition_is_scored_with_its_misses_counted_wrong(
+    arena, models
+) -> None:
+    submit, run, sessions, _ = arena
+    with sessions() as session:
+        competition = service.get_competition(session, "tiny")
+        competition.mc_rule, competition.fewshot = "cot", 1
+        competition.cot = {"max_new_tokens": 2, "fallbacks": []}
+        session.commit()
+    submit("recipe.yaml", _recipe(models))
+    done = run()
+    # Two tokens of the tiny vocabulary hold no answer letter: each row predicts -1, a miss the
+    # scorer counts wrong rather than refusing the predictions file.
+    assert done.status == "scored", done.log
+    assert done.scores["mc"] == 0.0
+
+
 def test_a_job_whose_worker_died_is_run_again_by_another(arena, models) -> None:
     submit, run, sessions, _ = arena
     submission_id = submit("recipe.yaml", _recipe(models))

@@ -183,7 +183,15 @@ class Merges:
             for item in batch["answer_choices"]
         ]
         prompts = encode_prompts(lm, [str(text) for text in batch["input"]])
-        encoded = encode_choices(lm, [[str(c) for c in group] for group in choices], "starter-kit")
+        # The kit scores this whole batch at once, so it fails only where every choice of the
+        # batch is one token long, not where one row's are.
+        encoded = encode_choices(
+            lm,
+            [[str(c) for c in group] for group in choices],
+            "starter-kit",
+            [str(i) for i in batch["id"]] if "id" in batch else None,
+            kit_batch_size=len(prompts),
+        )
         scored = score_choices(lm, prompts, encoded, rule="starter-kit", batch_size=len(prompts))
         predictions = torch.tensor([result.prediction for result in scored])
         return predictions, torch.tensor([list(result.scores) for result in scored])

@@ -56,6 +56,8 @@ class Competition(Base):
     memory_limit_bytes: Mapped[int | None] = mapped_column(BigInteger)
     daily_submissions: Mapped[int] = mapped_column(Integer, default=1)
     mc_rule: Mapped[str] = mapped_column(String(32), default="loglik")
+    fewshot: Mapped[int | None] = mapped_column(Integer)  # None: each task's own examples
+    cot: Mapped[dict[str, Any] | None] = mapped_column()  # CotSettings keys over each task's
     board_mode: Mapped[str] = mapped_column(String(16), default="best")
     allow_unsandboxed: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -169,8 +171,9 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (creates it in an empty database)."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to an Alembic revision, the newest by default (creates it in an empty
+    database)."""
     from alembic import command
     from alembic.config import Config
 
@@ -178,7 +181,7 @@ def migrate(engine: Engine) -> None:
     config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
 
 
 def open_database(url: str) -> sessionmaker:

@@ -101,9 +101,11 @@ class JobSpec(BaseModel):
     allowed_models: list[str] = Field(default_factory=list)  # model references; empty: any
     max_parameters: int | None = Field(default=None, ge=1)
     device: str = "cpu"
-    dtype: str = "bfloat16"  # evaluation dtype
+    dtype: str = "auto"  # evaluation dtype; auto: bf16 on CUDA and bf16-capable CPUs, else fp32
     batch_size: int | Literal["auto"] = "auto"
     mc_rule: str | None = None  # one of MC_RULES; None: each task's sidecar, or loglik
+    fewshot: int | None = Field(None, ge=0)  # solved examples per question; None: as the task's
+    cot: dict[str, Any] | None = None  # CotSettings keys over each task's, under mc_rule cot
     method: str | None = None  # starter kit: which registered method to run
     keep_model: bool = False
 
@@ -115,6 +117,13 @@ class JobSpec(BaseModel):
         if rule is not None and rule not in MC_RULES:
             raise ValueError(f"{rule!r} is not one of {', '.join(MC_RULES)}")
         return rule
+
+    @field_validator("cot")
+    @classmethod
+    def _valid_cot(cls, cot: dict[str, Any] | None) -> dict[str, Any] | None:
+        from mergearena.evaluation.tasks import check_cot_overrides
+
+        return None if cot is None else check_cot_overrides(cot)
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -337,7 +346,7 @@ def _starter_kit(
             model = model.merge_and_unload()
         if model_dir.exists():
             shutil.rmtree(model_dir)
-        model.to(parse_dtype(spec.dtype)).save_pretrained(model_dir)
+        model.to(parse_dtype(spec.dtype, spec.device)).save_pretrained(model_dir)
         copy_support_files(base_dir, model_dir, config=False, tokenizer=True)
         del method, model, returned
     gc.collect()  # the merge's copies of the models go before the evaluation loads the result
@@ -390,16 +399,20 @@ def write_predictions(
 
 def _run(spec: JobSpec, out: Path, started: float) -> dict[str, Any]:
     from mergearena.arena.inference import predict
+    from mergearena.dtypes import choose_dtype
     from mergearena.errors import TaskError
     from mergearena.evaluation import LanguageModel, evaluate, load_task
-    from mergearena.evaluation.model import parse_device, parse_dtype
+    from mergearena.evaluation.model import parse_device
+    from mergearena.evaluation.runner import choose_strategy
 
     parse_device(spec.device)  # bad settings fail before the merge, not after it
-    parse_dtype(spec.dtype)
+    print(choose_dtype(spec.dtype, spec.device).describe(spec.dtype), flush=True)
     tasks = [load_task(path) for path in spec.tasks]
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise TaskError(f"task files share a name ({', '.join(names)}); task names must differ")
+    for task in tasks:  # too many few-shot examples asked for, say, fails before the merge too
+        choose_strategy(task, mc_rule=spec.mc_rule, fewshot=spec.fewshot, cot=spec.cot)
     policy = ModelPolicy(spec.allowed_models, spec.max_parameters)
     model_dir = out / "model"
 
@@ -435,7 +448,14 @@ def _run(spec: JobSpec, out: Path, started: float) -> dict[str, Any]:
     rest = [task for task in rest if task.examples]
     if rest:
         lm = LanguageModel.load(model_dir, device=spec.device, dtype=spec.dtype)
-        results = evaluate(lm, rest, mc_rule=spec.mc_rule, batch_size=spec.batch_size)
+        results = evaluate(
+            lm,
+            rest,
+            mc_rule=spec.mc_rule,
+            batch_size=spec.batch_size,
+            fewshot=spec.fewshot,
+            cot=spec.cot,
+        )
         del lm
         for result in results:
             predictions[result.task.name].update(

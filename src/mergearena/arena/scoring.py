@@ -6,8 +6,10 @@ submission's own code (``arena.inference``, which checked it already). Whatever 
 is untrusted, so it is checked again here: the file must be a regular file inside the job's
 directory (a link could name a host file, whose text would then show in the error), with the
 header ``id,prediction`` and every row id of the task exactly once, a choice index in range for
-multiple choice. A file that breaks a rule is refused (``RejectedOutput``: the job fails with a
-message naming the task, the row ids and what was wrong), never partly scored.
+multiple choice (or ``-1``, no answer: what chain of thought predicts when it reads no answer
+letter, counted wrong as ``mergearena eval`` counts it). A file that breaks a rule is refused
+(``RejectedOutput``: the job fails with a message naming the task, the row ids and what was
+wrong), never partly scored.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mergearena.evaluation.tasks import MULTIPLE_CHOICE, Task
 MAX_PREDICTION_CHARS = 20_000  # a longer generation is scored on its start
 MAX_FILE_BYTES = 256 * 2**20
 MAX_PROBLEMS = 10  # listed in the message; the rest are counted
+NO_ANSWER = "-1"  # a multiple-choice row answered by no choice (a chain of thought's miss)
 
 
 class RejectedOutput(SubmissionError):
@@ -65,6 +68,8 @@ def _short(text: str) -> str:
 
 
 def _is_choice(prediction: str, count: int) -> bool:
+    if prediction == NO_ANSWER:
+        return True
     return prediction.isascii() and prediction.isdigit() and int(prediction) < count
 
 
@@ -100,7 +105,7 @@ def check_predictions(task: Task, text: str) -> dict[str, str]:
             ):
                 problems.append(
                     f"{where}: {_short(prediction)} is not a choice index (0 to "
-                    f"{len(example.choices) - 1})"
+                    f"{len(example.choices) - 1}, or {NO_ANSWER} for no answer)"
                 )
             else:
                 rows[key] = prediction[:MAX_PREDICTION_CHARS]

@@ -105,20 +105,42 @@ class CompetitionSpec(BaseModel):
     memory_limit_bytes: int | None = 16 * 2**30
     daily_submissions: int = 1
     mc_rule: str = "loglik"
+    fewshot: int | None = None  # solved examples per question; None: each task's own
+    cot: dict[str, Any] | None = None  # CotSettings keys over each task's, under mc_rule cot
     board_mode: str = "best"
     allow_unsandboxed: bool = False
 
 
-def create_competition(session: Session, spec: CompetitionSpec) -> Competition:
-    from mergearena.evaluation.tasks import MC_RULES
+def _check_strategy(spec: CompetitionSpec) -> dict[str, Any] | None:
+    """Refuse an inference strategy that cannot work; returns the CoT settings normalized."""
+    from mergearena.evaluation.tasks import MC_RULES, check_cot_overrides
 
+    if spec.mc_rule not in MC_RULES:
+        raise ArenaError(f"mc_rule {spec.mc_rule!r} is not one of {', '.join(MC_RULES)}")
+    if spec.fewshot is not None and spec.fewshot < 0:
+        raise ArenaError(
+            f"fewshot must be 0 or more (or empty: each task's own), got {spec.fewshot}"
+        )
+    if spec.cot is None:
+        return None
+    if spec.mc_rule != "cot":
+        raise ArenaError(
+            f"cot settings apply only under mc_rule cot, and this competition's is "
+            f"{spec.mc_rule!r}: set mc_rule to cot, or leave cot out"
+        )
+    try:
+        return check_cot_overrides(spec.cot)
+    except ValueError as error:
+        raise ArenaError(f"cot: {error}") from None
+
+
+def create_competition(session: Session, spec: CompetitionSpec) -> Competition:
     _check_slug(spec.slug)
     if session.scalar(select(Competition).where(Competition.slug == spec.slug)):
         raise ArenaError(f"a competition {spec.slug!r} already exists; choose another slug")
     if spec.board_mode not in BOARD_MODES:
         raise ArenaError(f"board mode {spec.board_mode!r} is not one of {', '.join(BOARD_MODES)}")
-    if spec.mc_rule not in MC_RULES:
-        raise ArenaError(f"mc_rule {spec.mc_rule!r} is not one of {', '.join(MC_RULES)}")
+    cot = _check_strategy(spec)
     if spec.daily_submissions < 1 or spec.time_limit_seconds < 1:
         raise ArenaError("daily_submissions and time_limit_seconds must be at least 1")
     competition = Competition(
@@ -131,6 +153,8 @@ def create_competition(session: Session, spec: CompetitionSpec) -> Competition:
         memory_limit_bytes=spec.memory_limit_bytes,
         daily_submissions=spec.daily_submissions,
         mc_rule=spec.mc_rule,
+        fewshot=spec.fewshot,
+        cot=cot,
         board_mode=spec.board_mode,
         allow_unsandboxed=spec.allow_unsandboxed,
     )
@@ -181,7 +205,10 @@ def add_task(
     content: bytes,
     sidecar: dict[str, Any] | None = None,
 ) -> PhaseTask:
-    """Validate a task file in the harness's format and store it with and without targets."""
+    """Validate a task file in the harness's format and store it with and without targets;
+    refuse it if it cannot be asked as the competition sets (few-shot examples it lacks)."""
+    from mergearena.errors import EvaluationError
+    from mergearena.evaluation.runner import choose_strategy
     from mergearena.evaluation.tasks import load_settings, load_task
 
     _check_slug(name)
@@ -197,6 +224,16 @@ def add_task(
         task = load_task(path)
     if not task.has_targets:
         raise ArenaError(f"task {name}: every row needs a target; the service keeps them hidden")
+    competition = phase.competition
+    try:
+        choose_strategy(
+            task, mc_rule=competition.mc_rule, fewshot=competition.fewshot, cot=competition.cot
+        )
+    except EvaluationError as error:
+        raise ArenaError(
+            f"task {name} cannot be asked as this competition sets (mc_rule "
+            f"{competition.mc_rule}, fewshot {competition.fewshot}): {error}"
+        ) from None
     rows = list(csv.DictReader(io.StringIO(content.decode("utf-8-sig"))))
     inputs = io.StringIO()
     columns = [c for c in rows[0] if c.strip() != "target"]

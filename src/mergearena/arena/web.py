@@ -8,6 +8,7 @@ escapes every value it renders, so team names, submission names and logs are sho
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,15 @@ from mergearena.evaluation.tasks import MC_RULES
 
 TEAM_COOKIE = "mergearena_team"
 ORGANIZER_COOKIE = "mergearena_organizer"
+COT_EXAMPLE = '{"max_new_tokens": 256, "fallbacks": ["answer-colon"]}'
+# How each multiple-choice rule asks, for the competition page (evaluation/strategies.py).
+MC_RULE_NOTES = {
+    "loglik": "the choice whose tokens the model finds most likely after the question",
+    "starter-kit": "the starter kit's own rule: each choice's tokens after its first scored",
+    "letter": "the options lettered A, B, C...; the letter the model finds most likely",
+    "cot": "the options lettered; the model reasons step by step, then its answer letter is "
+    "read from the text, and a reasoning without one counts wrong",
+}
 
 
 @dataclass
@@ -82,6 +92,8 @@ def _competition_json(competition: Competition) -> dict[str, Any]:
         "memory_limit_bytes": competition.memory_limit_bytes,
         "daily_submissions": competition.daily_submissions,
         "mc_rule": competition.mc_rule,
+        "fewshot": competition.fewshot,
+        "cot": competition.cot,
         "board_mode": competition.board_mode,
         "phases": [
             {
@@ -367,7 +379,14 @@ def create_app(settings: ArenaSettings) -> FastAPI:
         competition = service.get_competition(session, slug)
         found = service.get_phase(competition, phase)
         rows = service.leaderboard(session, found)
-        return page(request, "leaderboard.html", competition=competition, phase=found, rows=rows)
+        return page(
+            request,
+            "leaderboard.html",
+            competition=competition,
+            phase=found,
+            rows=rows,
+            mc_rule_note=MC_RULE_NOTES.get(competition.mc_rule, ""),
+        )
 
     @app.get("/submit", response_class=HTMLResponse)
     def submit_form(request: Request, session: SessionDep) -> HTMLResponse:
@@ -475,10 +494,18 @@ def create_app(settings: ArenaSettings) -> FastAPI:
         max_parameters_billions: Annotated[float | None, Form()] = None,  # empty: no limit
         memory_limit_gib: Annotated[float | None, Form()] = None,
         mc_rule: Annotated[str, Form()] = "loglik",
+        fewshot: Annotated[int | None, Form()] = None,  # empty: each task's own
+        cot: Annotated[str, Form()] = "",  # a JSON object of CotSettings keys; empty: the tasks'
         board_mode: Annotated[str, Form()] = "best",
         allow_unsandboxed: Annotated[bool, Form()] = False,
     ) -> RedirectResponse:
         check_organizer(request, None)
+        try:
+            cot_settings = json.loads(cot) if cot.strip() else None
+        except json.JSONDecodeError as error:
+            raise ArenaError(f"cot: not JSON ({error}); write e.g. {COT_EXAMPLE}") from None
+        if cot_settings is not None and not isinstance(cot_settings, dict):
+            raise ArenaError(f"cot: a JSON object of settings is needed, e.g. {COT_EXAMPLE}")
         competition = service.create_competition(
             session,
             service.CompetitionSpec(
@@ -495,6 +522,8 @@ def create_app(settings: ArenaSettings) -> FastAPI:
                     None if memory_limit_gib is None else int(memory_limit_gib * 2**30)
                 ),
                 mc_rule=mc_rule,
+                fewshot=fewshot,
+                cot=cot_settings,
                 board_mode=board_mode,
                 allow_unsandboxed=allow_unsandboxed,
             ),

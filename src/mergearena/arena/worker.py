@@ -43,7 +43,7 @@ class WorkerSettings:
     data_dir: Path
     scratch_dir: Path | None = None  # where job directories go; the system temp dir by default
     device: str = "cpu"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # see mergearena.dtypes
     batch_size: str = "auto"
     lease_seconds: float = 60.0
     poll_seconds: float = 2.0
@@ -132,6 +132,8 @@ def _write_job(settings: WorkerSettings, submission: Submission, root: Path):
         "dtype": settings.dtype,
         "batch_size": settings.batch_size,
         "mc_rule": competition.mc_rule,
+        "fewshot": competition.fewshot,
+        "cot": competition.cot,
     }
     job = work / "job.json"
     job.write_text(json.dumps(spec, indent=2))

@@ -241,6 +241,26 @@ def resolve_cot(task: Task, overrides: Mapping[str, Any] | None) -> CotSettings:
         raise EvaluationError(f"task {task.name}: {problems}") from None
 
 
+def choose_strategy(
+    task: Task,
+    *,
+    mc_rule: str | None = None,
+    fewshot: int | None = None,
+    fewshot_from: str | Path | None = None,
+    cot: Mapping[str, Any] | None = None,
+) -> tuple[str, CotSettings, dict[str, list[Shot]]]:
+    """How ``task``'s questions are asked: the multiple-choice rule (``mc_rule``, else the
+    sidecar's, else loglik), the CoT settings (``resolve_cot``) and the few-shot examples of
+    each eval type (``select_shots``). It needs no model, so settings that cannot work (more
+    examples than there are, a bad ``cot`` key) can be refused before a model is loaded."""
+    rule = mc_rule or task.settings.mc_rule or "loglik"
+    if rule not in MC_RULES:
+        raise EvaluationError(f"--mc-rule {rule!r} is not one of {', '.join(MC_RULES)}")
+    cot_settings = resolve_cot(task, cot)
+    shots = select_shots(task, rule, cot_settings, count=fewshot, source=fewshot_from)
+    return rule, cot_settings, shots
+
+
 # ---------------------------------------------------------------------------------------- running
 
 
@@ -285,13 +305,11 @@ def evaluate_task(
     """Score one task. ``mc_rule``, ``chat_template`` and ``cot`` (keys of ``CotSettings``)
     override the task's sidecar when given; ``fewshot``/``fewshot_from`` choose its few-shot
     examples (see ``select_shots``)."""
-    rule = mc_rule or task.settings.mc_rule or "loglik"
-    if rule not in MC_RULES:
-        raise EvaluationError(f"--mc-rule {rule!r} is not one of {', '.join(MC_RULES)}")
-    cot_settings = resolve_cot(task, cot)
-    chat = task.settings.chat_template if chat_template is None else chat_template
     started = time.perf_counter()
-    shots = select_shots(task, rule, cot_settings, count=fewshot, source=fewshot_from)
+    rule, cot_settings, shots = choose_strategy(
+        task, mc_rule=mc_rule, fewshot=fewshot, fewshot_from=fewshot_from, cot=cot
+    )
+    chat = task.settings.chat_template if chat_template is None else chat_template
     prompts = [
         render_prompt(lm, task, e, chat, rule=rule, shots=shots[e.eval_type], cot=cot_settings)
         for e in task.examples

@@ -17,9 +17,10 @@ import csv
 import json
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -89,6 +90,23 @@ class CotSettings(BaseModel):
         if any(not text for text in stop):
             raise ValueError("a stop string is empty")
         return stop
+
+
+def check_cot_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Chain-of-thought overrides (some keys of ``CotSettings``, as a competition or a job sets
+    them over each task's) validated: returns the keys given, their values normalized. An unknown
+    key or a bad value raises ``ValueError`` naming the key (``pattern: needs a group ...``)."""
+    try:
+        settings = CotSettings.model_validate(overrides)
+    except ValidationError as error:
+        raise ValueError(
+            "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: "
+                f"{e['msg'].removeprefix('Value error, ')}"
+                for e in error.errors()
+            )
+        ) from None
+    return settings.model_dump(include=set(overrides))
 
 
 class TaskSettings(BaseModel):
