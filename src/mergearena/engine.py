@@ -53,7 +53,16 @@ class Source:
         """The directory holding this model's config and tokenizer."""
         return self.checkpoint.path
 
+    def changes(self, name: str) -> bool:
+        """Whether this source's tensor ``name`` differs from its checkpoint's (an adapter's)."""
+        return self.adapter is not None and (
+            name in self.adapter.target_weight_names() or self.adapter.full_tensor(name) is not None
+        )
+
     def read(self, name: str, cache: dict[tuple[int, str], torch.Tensor]) -> torch.Tensor:
+        """The tensor ``name`` of this model: the checkpoint's, or with the adapter's change in
+        float32 (rounding ``base + delta`` back to a bf16 base would lose most of a small delta
+        before the method sees it)."""
         key = (id(self.checkpoint), name)
         if key not in cache:
             cache[key] = self.checkpoint.get(name)
@@ -66,7 +75,7 @@ class Source:
                 tensor = replacement
             delta = self.adapter.delta(name, tuple(tensor.shape))
             if delta is not None:
-                tensor = (tensor.float() + delta).to(tensor.dtype)
+                tensor = delta.add_(tensor)
         return tensor
 
 
@@ -79,6 +88,9 @@ class TensorTask:
     out_dtype: torch.dtype
     arguments: dict[str, Any]
     merge: bool  # False: copy the reference tensor (non-float tensors)
+    # Every input is the base's own tensor (what a LoRA expert leaves untouched): every method's
+    # result is then the base exactly (their degenerate cases), so the base is copied.
+    unchanged: bool = False
 
 
 @dataclass
@@ -299,6 +311,11 @@ def plan_merge(
                     out_dtype=(out_dtype or info.dtype) if merge else info.dtype,
                     arguments=_arguments_for(recipe, method, name, fraction) if merge else {},
                     merge=merge,
+                    unchanged=base is not None
+                    and all(
+                        source.checkpoint is base.checkpoint and not source.changes(name)
+                        for source in inputs
+                    ),
                 )
             )
         return plan, opener
@@ -377,6 +394,8 @@ class _Executor:
         cache: dict = {}
         if not task.merge:
             return self.plan.reference.read(task.name, cache), []
+        if task.unchanged:
+            return self._load(self.plan.reference, task, cache), []
         base = self._load(self.plan.base, task, cache) if self.plan.base is not None else None
         inputs = [self._load(source, task, cache) for source in self.plan.inputs]
         return base, inputs
@@ -385,9 +404,13 @@ class _Executor:
         self, task: TensorTask, base: torch.Tensor | None, inputs: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The output tensor, and (for merged tensors) a queued flag: is its sum finite."""
-        if not task.merge:
+        if not task.merge:  # a non-float tensor, copied
             assert base is not None
             return base, None
+        if task.unchanged:  # the base's own tensor in every input, copied (checked like a result)
+            assert base is not None
+            result = base.to(task.out_dtype)
+            return result, _sum_is_finite(result)
         method = self.plan.method
         arguments = dict(task.arguments)
         if base is not None:

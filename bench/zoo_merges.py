@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Zoo-merge benchmark: the demo's recipes (five rank-4 LoRA experts into SmolLM2-135M).
+
+Each recipe in ``recipes/zoo-*.yaml`` is merged by ``mergearena merge`` and, with
+``--tools mergekit``, by mergekit 0.1.5 (``bash bench/setup_mergekit.sh``) from the same
+experts written as mergekit's ``BASE+ADAPTER`` references, each as a subprocess: best wall time
+of ``--repeat`` runs and the child's peak RSS. Needs the prepared zoo (``mergearena zoo prepare``).
+
+    .venv/bin/python bench/zoo_merges.py                        # mergearena, every zoo recipe
+    .venv/bin/python bench/zoo_merges.py --tools mergearena,mergekit --repeat 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+MERGEARENA = REPO_ROOT / ".venv" / "bin" / "mergearena"
+MERGEKIT = BENCH_DIR / ".venv-mergekit" / "bin" / "mergekit-yaml"
+
+
+def run(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS of the child in GB)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss / 2**20
+
+
+def mergekit_recipe(document: dict, base: Path) -> dict:
+    """The same recipe in mergekit's terms: experts as BASE+ADAPTER, zoo names as directories."""
+    from mergearena.checkpoints import resolve_model_ref
+
+    converted = dict(document)
+    converted["models"] = [
+        {**entry, "model": f"{base}+{resolve_model_ref(entry['model'])}"}
+        for entry in document["models"]
+    ]
+    if "base_model" in document:
+        converted["base_model"] = str(base)
+    return converted
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tools", default="mergearena", help="mergearena,mergekit")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    from mergearena.checkpoints import resolve_model_ref
+
+    base = resolve_model_ref("zoo:smollm2-135m")
+    tools = args.tools.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mergearena-zoo-bench-") as scratch:
+        for recipe in sorted((REPO_ROOT / "recipes").glob("zoo-*.yaml")):
+            document = yaml.safe_load(recipe.read_text())
+            row = {"recipe": recipe.stem.removeprefix("zoo-")}
+            for tool in tools:
+                out = Path(scratch) / f"{tool}-out"
+                if tool == "mergearena":
+                    command = [str(MERGEARENA), "merge", str(recipe), "--out", str(out)]
+                    command += ["--threads", str(args.threads)]
+                else:
+                    converted = Path(scratch) / f"{recipe.stem}-mergekit.yaml"
+                    converted.write_text(yaml.safe_dump(mergekit_recipe(document, base)))
+                    command = [str(MERGEKIT), str(converted), str(out), "--copy-tokenizer"]
+                best = (float("inf"), 0.0)
+                for _ in range(args.repeat):
+                    shutil.rmtree(out, ignore_errors=True)
+                    best = min(best, run(command))
+                row[tool] = best
+                print(
+                    f"{row['recipe']:>16} {tool:>10}: {best[0]:6.2f} s {best[1]:5.2f} GB",
+                    flush=True,
+                )
+            rows.append(row)
+    print()
+    header = "| recipe | " + " | ".join(f"{tool} s (GB)" for tool in tools)
+    print(header + (" | mergekit / mergearena |" if len(tools) == 2 else " |"))
+    print("|---|" + "---:|" * (len(tools) + (1 if len(tools) == 2 else 0)))
+    for row in rows:
+        cells = " | ".join(f"{row[t][0]:.2f} ({row[t][1]:.2f})" for t in tools)
+        ratio = f" | {row['mergekit'][0] / row['mergearena'][0]:.1f}x" if len(tools) == 2 else ""
+        print(f"| {row['recipe']} | {cells}{ratio} |")
+    print(f"\n{os.cpu_count()} cores, {sys.platform}, threads {args.threads}")
+
+
+if __name__ == "__main__":
+    main()
