@@ -29,14 +29,21 @@ MERGEARENA = REPO_ROOT / ".venv" / "bin" / "mergearena"
 MERGEKIT = BENCH_DIR / ".venv-mergekit" / "bin" / "mergekit-yaml"
 
 
+class Failed(Exception):
+    """A tool refused or crashed; the message is the last line of its stderr."""
+
+
 def run(command: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS of the child in GB)."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    if status != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-2000:]}")
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        if status != 0:
+            stderr.seek(0)
+            lines = stderr.read().decode(errors="replace").strip().splitlines()
+            raise Failed(lines[-1] if lines else f"exit status {status}")
     return seconds, usage.ru_maxrss / 2**20
 
 
@@ -99,8 +106,14 @@ def main() -> None:
     print(header + (" | mergekit / mergearena |" if len(tools) == 2 else " |"))
     print("|---|" + "---:|" * (len(tools) + (1 if len(tools) == 2 else 0)))
     for row in rows:
-        cells = " | ".join(f"{row[t][0]:.2f} ({row[t][1]:.2f})" for t in tools)
-        ratio = f" | {row['mergekit'][0] / row['mergearena'][0]:.1f}x" if len(tools) == 2 else ""
+        cells = " | ".join(
+            row[t] if isinstance(row[t], str) else f"{row[t][0]:.2f} ({row[t][1]:.2f})"
+            for t in tools
+        )
+        ratio = ""
+        if len(tools) == 2:
+            timed = not any(isinstance(row[t], str) for t in tools)
+            ratio = f" | {row['mergekit'][0] / row['mergearena'][0]:.1f}x" if timed else " | -"
         print(f"| {row['recipe']} | {cells}{ratio} |")
     print(f"\n{os.cpu_count()} cores, {sys.platform}, threads {args.threads}")
 
