@@ -90,16 +90,18 @@ def main() -> None:
                     lora_cache = Path(scratch) / "lora-cache"
                     command = [str(MERGEKIT), str(converted), str(out), "--copy-tokenizer"]
                     command += ["--lora-merge-cache", str(lora_cache)]
-                best = (float("inf"), 0.0)
+                best: tuple[float, float] | str = (float("inf"), 0.0)
                 for _ in range(args.repeat if tool == "mergearena" else args.mergekit_repeat):
                     shutil.rmtree(out, ignore_errors=True)
                     shutil.rmtree(Path(scratch) / "lora-cache", ignore_errors=True)
-                    best = min(best, run(command))
+                    try:
+                        best = min(best, run(command))
+                    except Failed as error:
+                        best = f"failed: {error}"
+                        break
                 row[tool] = best
-                print(
-                    f"{row['recipe']:>16} {tool:>10}: {best[0]:6.2f} s {best[1]:5.2f} GB",
-                    flush=True,
-                )
+                shown = best if isinstance(best, str) else f"{best[0]:6.2f} s {best[1]:5.2f} GB"
+                print(f"{row['recipe']:>16} {tool:>10}: {shown}", flush=True)
             rows.append(row)
     print()
     header = "| recipe | " + " | ".join(f"{tool} s (GB)" for tool in tools)
