@@ -109,7 +109,7 @@ def main() -> None:
     print("|---|" + "---:|" * (len(tools) + (1 if len(tools) == 2 else 0)))
     for row in rows:
         cells = " | ".join(
-            row[t] if isinstance(row[t], str) else f"{row[t][0]:.2f} ({row[t][1]:.2f})"
+            row[t][:70] + "…" if isinstance(row[t], str) else f"{row[t][0]:.2f} ({row[t][1]:.2f})"
             for t in tools
         )
         ratio = ""
