@@ -74,8 +74,8 @@ class Source:
             if replacement is not None:
                 tensor = replacement
             delta = self.adapter.delta(name, tuple(tensor.shape))
-            if delta is not None:
-                tensor = delta.add_(tensor)
+            if delta is not None:  # float32, or the base's dtype if that is wider
+                tensor = delta.to(torch.promote_types(delta.dtype, tensor.dtype)).add_(tensor)
         return tensor
 
 
