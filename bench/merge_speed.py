@@ -63,6 +63,12 @@ class Shape:
     heads: int
     kv_heads: int
     vocab: int = VOCAB
+    head_dim: int = HEAD_DIM
+
+    @staticmethod
+    def llama3_8b() -> Shape:
+        """Meta-Llama-3-8B's tensors: 8.03B parameters, 16 GB in bf16."""
+        return Shape(4096, 14336, 32, 32, 8, vocab=128256, head_dim=128)
 
     @staticmethod
     def for_params(target: float) -> Shape:
@@ -89,7 +95,7 @@ class Shape:
         return best
 
     def layer_params(self) -> int:
-        h, kv = self.hidden, self.kv_heads * HEAD_DIM
+        h, kv = self.hidden, self.kv_heads * self.head_dim
         return 2 * h * h + 2 * h * kv + 3 * h * self.intermediate + 2 * h
 
     def embedding_params(self) -> int:
@@ -99,7 +105,7 @@ class Shape:
         return self.embedding_params() + self.layers * self.layer_params()
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
-        h, kv, ff = self.hidden, self.kv_heads * HEAD_DIM, self.intermediate
+        h, kv, ff = self.hidden, self.kv_heads * self.head_dim, self.intermediate
         out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
         for i in range(self.layers):
             p = f"model.layers.{i}."
@@ -125,7 +131,7 @@ class Shape:
             "attention_dropout": 0.0,
             "bos_token_id": 1,
             "eos_token_id": 2,
-            "head_dim": HEAD_DIM,
+            "head_dim": self.head_dim,
             "hidden_act": "silu",
             "hidden_size": self.hidden,
             "initializer_range": 0.02,
@@ -153,12 +159,19 @@ def _complete(model_dir: Path) -> bool:
     return (model_dir / ".complete").exists()
 
 
-def ensure_checkpoints(work: Path, shape: Shape, shard_bytes: int, noise: float, seed: int) -> dict:
-    """Generate (or reuse) base, ft1, ft2 under ``work/ckpt-<key>``; returns name -> path."""
+def ensure_checkpoints(
+    work: Path, shape: Shape, shard_bytes: int, noise: float, seed: int, device: str = "cpu"
+) -> dict:
+    """Generate (or reuse) base, ft1, ft2 under ``work/ckpt-<key>``; returns name -> path.
+
+    ``device`` draws the random numbers there (``cuda`` builds an 8B trio in seconds; its random
+    stream differs from the CPU's, so the key names it)."""
     key = (
         f"ckpt-{shape.total_params() / 1e9:.2f}B-h{shape.hidden}-l{shape.layers}"
         f"-s{shard_bytes >> 20}M-n{noise:g}-seed{seed}-v{GENERATOR_VERSION}"
     )
+    if (shape.vocab, shape.head_dim, device) != (VOCAB, HEAD_DIM, "cpu"):
+        key += f"-vocab{shape.vocab}-hd{shape.head_dim}-{device}"
     root = work / key
     paths = {name: root / name for name in MODEL_NAMES}
     if all(_complete(p) for p in paths.values()):
@@ -187,7 +200,7 @@ def ensure_checkpoints(work: Path, shape: Shape, shard_bytes: int, noise: float,
         shards[-1].append((name, shp))
         size += nbytes
     n = len(shards)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     total_size = 2 * shape.total_params()
     weight_maps: dict[str, dict[str, str]] = {m: {} for m in MODEL_NAMES}
     for k, shard in enumerate(shards, start=1):
@@ -195,13 +208,14 @@ def ensure_checkpoints(work: Path, shape: Shape, shard_bytes: int, noise: float,
         data: dict[str, dict[str, torch.Tensor]] = {m: {} for m in MODEL_NAMES}
         for name, shp in shard:
             if name.endswith("norm.weight"):
-                base = torch.ones(shp, dtype=torch.float32)
+                base = torch.ones(shp, dtype=torch.float32, device=device)
             else:
-                base = torch.randn(shp, generator=gen, dtype=torch.float32).mul_(0.02)
-            data["base"][name] = base.to(torch.bfloat16)
+                base = torch.randn(shp, generator=gen, dtype=torch.float32, device=device)
+                base.mul_(0.02)
+            data["base"][name] = base.to(torch.bfloat16).cpu()
             for m in ("ft1", "ft2"):
-                delta = torch.randn(shp, generator=gen, dtype=torch.float32).mul_(noise)
-                data[m][name] = delta.add_(base).to(torch.bfloat16)
+                delta = torch.randn(shp, generator=gen, dtype=torch.float32, device=device)
+                data[m][name] = delta.mul_(noise).add_(base).to(torch.bfloat16).cpu()
                 del delta
             del base
         for m in MODEL_NAMES:

@@ -489,18 +489,37 @@ def test_streaming_writer_output_loads_in_safetensors_and_transformers(
         assert torch.equal(state[name], tensor), name
 
 
-def test_streaming_writer_checks_order_shape_dtype_and_completeness(tmp_path):
+def test_streaming_writer_checks_names_shape_dtype_and_completeness(tmp_path):
     plan = [("a", (2, 3), torch.float32), ("b", (4,), torch.bfloat16)]
     writer = StreamingShardWriter(tmp_path / "w", plan)
-    with pytest.raises(CheckpointError, match="expected tensor 'a'.*got 'b'"):
-        writer.write("b", torch.zeros(4, dtype=torch.bfloat16))
+    with pytest.raises(CheckpointError, match="'c' is not in the write plan"):
+        writer.write("c", torch.zeros(4, dtype=torch.bfloat16))
     with pytest.raises(ShapeMismatchError, match=r"'a' has shape \[3, 2\].*\[2, 3\]"):
         writer.write("a", torch.zeros(3, 2))
     with pytest.raises(CheckpointError, match="'a' has dtype torch.float16"):
         writer.write("a", torch.zeros(2, 3, dtype=torch.float16))
     writer.write("a", torch.zeros(2, 3))
+    with pytest.raises(CheckpointError, match="'a' was written twice"):
+        writer.write("a", torch.ones(2, 3))
     with pytest.raises(CheckpointError, match="1 planned tensors were never written.*'b'"):
         writer.close()
+
+
+def test_streaming_writer_puts_tensors_in_place_whatever_the_order_and_thread(tmp_path):
+    """The merge's writer threads finish in any order; the shards read back as planned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensors = {f"t{i}": torch.randn(i + 1, 7).to(torch.bfloat16) for i in range(40)}
+    plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    writer = StreamingShardWriter(tmp_path / "w", plan, max_shard_bytes=400)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda name: writer.write(name, tensors[name]), reversed(list(tensors))))
+    writer.close()
+    with Checkpoint.open(tmp_path / "w") as checkpoint:
+        assert list(checkpoint.tensors) == list(tensors)  # plan order, in several shards
+        assert len({info.file for info in checkpoint.tensors.values()}) > 1
+        for name, tensor in tensors.items():
+            assert torch.equal(checkpoint.get(name), tensor), name
 
 
 def test_streaming_writer_handles_scalars_and_empty_tensors(tmp_path):

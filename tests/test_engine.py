@@ -391,6 +391,56 @@ def test_cuda_merge_equals_cpu_merge(make_checkpoint, tmp_path, method):
         torch.testing.assert_close(tensor, cpu[name], rtol=1e-4, atol=1e-5)
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Staging buffers of 4 KiB, so every tensor of a tiny model crosses several chunks."""
+    monkeypatch.setattr("mergearena.checkpoints.staging.CHUNK_BYTES", 4096)
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_cuda_merges_bf16_checkpoints_bit_for_bit_like_the_cpu(
+    make_checkpoint, make_lora, small_chunks, tmp_path, method
+):
+    """What people bring (bf16 shards, full fine-tunes and LoRA experts side by side), streamed to
+    the GPU through pinned chunks: the deterministic methods write exactly the CPU's bytes."""
+    base = make_checkpoint("llama", seed=0, dtype=torch.bfloat16, shards=2)
+    full = make_checkpoint("llama", 1, base=base, dtype=torch.bfloat16, shards=3)
+    expert = make_lora(base, seed=2)
+    recipe = {
+        "merge_method": method,
+        "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in (full, expert)],
+        "dtype": "bfloat16",
+    }
+    if method == "ties":
+        recipe["parameters"] = {"density": 0.5}
+    if method != "linear":
+        recipe["base_model"] = str(base)
+    merge(recipe, tmp_path / "cpu")
+    merge(recipe, tmp_path / "cuda", device="cuda")
+    cpu = load_state(tmp_path / "cpu")
+    cuda = load_state(tmp_path / "cuda")
+    assert cuda.keys() == cpu.keys()
+    for name, tensor in cuda.items():
+        assert tensor.dtype == cpu[name].dtype and torch.equal(tensor, cpu[name]), name
+
+
+@needs_cuda
+def test_a_cuda_merge_names_a_corrupt_checkpoint(trio, small_chunks, tmp_path):
+    base, a, b = trio
+    path = next(b.glob("*.safetensors"))
+    state = load_file(path)
+    name = next(key for key in state if key.endswith("up_proj.weight"))
+    state[name][1, 2] = float("inf")
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{name} in .*contains NaN or Inf"):
+        merge(recipe_for("ties", base, a, b), tmp_path / "out", device="cuda")
+    assert_nothing_written(tmp_path)
+
+
 def test_a_method_refusing_its_parameters_names_the_tensor_and_writes_nothing(trio, tmp_path):
     base, a, b = trio
     recipe = {

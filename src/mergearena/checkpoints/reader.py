@@ -169,14 +169,12 @@ def read_safetensors_header(file: Path) -> list[TensorInfo]:
     return [info for _, info in entries]
 
 
-def _pread_tensor(descriptor: int, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor's bytes into a fresh tensor the caller owns."""
-    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy()) if info.nbytes else memoryview(b"")
+def _pread_into(descriptor: int, info: TensorInfo, view: memoryview, start: int) -> None:
+    """Fill ``view`` with bytes ``[start, start + len(view))`` of one tensor's data."""
     done = 0
-    while done < info.nbytes:
+    while done < len(view):
         try:
-            count = os.preadv(descriptor, [view[done:]], info.offset + done)
+            count = os.preadv(descriptor, [view[done:]], info.offset + start + done)
         except OSError as error:
             raise CheckpointError(
                 f"{info.file}: cannot read tensor {info.name!r} ({error})"
@@ -184,6 +182,13 @@ def _pread_tensor(descriptor: int, info: TensorInfo) -> torch.Tensor:
         if count == 0:
             raise _corrupt(info.file, f"it ended while reading tensor {info.name!r}")
         done += count
+
+
+def _pread_tensor(descriptor: int, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes into a fresh tensor the caller owns."""
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    if info.nbytes:
+        _pread_into(descriptor, info, memoryview(buffer.numpy()), 0)
     return buffer.view(info.dtype).reshape(info.shape)
 
 
@@ -352,6 +357,26 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: checkpoint is closed; open it again.")
             return loaded.clone()
         return _pread_tensor(self._descriptor(info.file), info)
+
+    def reads_bytes(self, name: str) -> bool:
+        """Whether ``read_into`` can read tensor ``name``: it is stored raw, in a safetensors file
+        (a ``.bin`` checkpoint's tensors come only whole, from ``get``)."""
+        info = self.tensors.get(name)
+        return info is not None and info.file.suffix == ".safetensors"
+
+    def read_into(self, name: str, view: memoryview, start: int = 0) -> None:
+        """Fill ``view`` with bytes ``[start, start + len(view))`` of tensor ``name``'s data, as
+        stored (little-endian, its own dtype): a chunk at a time into a caller's buffer, such as a
+        pinned staging buffer on its way to a GPU. Only where ``reads_bytes(name)``."""
+        if not self.reads_bytes(name):
+            raise CheckpointError(f"{self.path}: tensor {name!r} is not stored in safetensors.")
+        info = self.tensors[name]
+        if start < 0 or start + len(view) > info.nbytes:
+            raise ValueError(
+                f"bytes [{start}, {start + len(view)}) are outside tensor {name!r} "
+                f"({info.nbytes} bytes)"
+            )
+        _pread_into(self._descriptor(info.file), info, view, start)
 
     def _descriptor(self, file: Path) -> int:
         # One descriptor per file, shared by the main thread and a prefetching thread: pread

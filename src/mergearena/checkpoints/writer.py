@@ -1,25 +1,25 @@
 """Write checkpoints: streamed safetensors shards, atomic output directories, support files.
 
 Every output tensor's name, shape and dtype is known before the first one is computed, so each
-shard's header is written up front and each tensor's bytes are appended as it arrives: memory stays
-at one tensor. The whole output is built in a hidden sibling directory and renamed into place only
-when complete, so an interrupted merge never leaves something that looks like a finished model.
+shard's header is written up front and each tensor's bytes go to their known place as they arrive:
+memory stays at the tensors being written. The whole output is built in a hidden sibling directory
+and renamed into place only when complete, so an interrupted merge never leaves something that
+looks like a finished model.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import os
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
 
 import torch
 
@@ -59,22 +59,28 @@ def _shard_name(index: int, count: int) -> str:
     return SAFETENSORS_FILE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def _write_tensor_bytes(stream: BinaryIO, tensor: torch.Tensor) -> None:
-    """Append a tensor's raw little-endian bytes (any dtype, bf16 included) without copying it."""
-    raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-    if raw.numel() == 0:
-        return
-    # A zero-copy view of the tensor's memory for file.write; `raw` stays alive during the write.
-    buffer = (ctypes.c_ubyte * raw.numel()).from_address(raw.data_ptr())
-    stream.write(memoryview(buffer))
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A CPU tensor's raw little-endian bytes (any dtype, bf16 included), without a copy when it
+    is contiguous."""
+    return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _pwrite_all(descriptor: int, data: memoryview, offset: int) -> int:
+    """Write all of ``data`` at ``offset``; returns the offset after it."""
+    while data:
+        written = os.pwrite(descriptor, data, offset)
+        data, offset = data[written:], offset + written
+    return offset
 
 
 class StreamingShardWriter:
-    """Write ``plan`` (name, shape, dtype per tensor, in write order) as safetensors shards.
+    """Write ``plan`` (name, shape, dtype per tensor) as safetensors shards.
 
     Tensors go to shards in plan order, starting a new shard when the next tensor would push the
     current one past ``max_shard_bytes``. One shard is named ``model.safetensors``; several are
-    ``model-0000i-of-0000N.safetensors`` with a ``model.safetensors.index.json``.
+    ``model-0000i-of-0000N.safetensors`` with a ``model.safetensors.index.json``. Every header is
+    known from the plan, so each tensor's place in its file is too: tensors may be written in any
+    order, from several threads at once, each exactly once.
     """
 
     def __init__(
@@ -89,8 +95,9 @@ class StreamingShardWriter:
         self.directory = Path(directory)
         self.plan = [(name, tuple(int(s) for s in shape), dtype) for name, shape, dtype in plan]
         self.metadata = {"format": "pt", **(metadata or {})}
-        names = [name for name, _, _ in self.plan]
-        if len(set(names)) != len(names):
+        self._index = {name: index for index, (name, _, _) in enumerate(self.plan)}
+        if len(self._index) != len(self.plan):
+            names = [name for name, _, _ in self.plan]
             duplicate = next(name for name in names if names.count(name) > 1)
             raise CheckpointError(f"write plan names tensor {duplicate!r} twice.")
         for name, _, dtype in self.plan:
@@ -109,11 +116,19 @@ class StreamingShardWriter:
         self.shard_files = [
             self.directory / _shard_name(i, len(shards)) for i in range(len(shards))
         ]
-        self._shard_of = {index: s for s, indices in enumerate(shards) for index in indices}
         self._shards = shards
-        self._next = 0
-        self._stream: BinaryIO | None = None
-        self._stream_shard = -1
+        self._shard_of = {index: s for s, indices in enumerate(shards) for index in indices}
+        self._headers = [self._header(shard) for shard in range(len(shards))]
+        self._position: dict[int, int] = {}  # plan index -> its bytes' offset in its file
+        for shard, indices in enumerate(shards):
+            position = len(self._headers[shard])
+            for index in indices:
+                self._position[index] = position
+                _, shape, dtype = self.plan[index]
+                position += math.prod(shape) * dtype.itemsize
+        self._descriptors: dict[int, int] = {}
+        self._written: set[int] = set()
+        self._lock = threading.Lock()
         self.total_size = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in self.plan)
 
     def _header(self, shard: int) -> bytes:
@@ -132,28 +147,36 @@ class StreamingShardWriter:
         encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
         return len(encoded).to_bytes(8, "little") + encoded
 
-    def _open_shard(self, shard: int) -> BinaryIO:
-        if self._stream is not None:
-            self._stream.close()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._stream = self.shard_files[shard].open("wb")
-        self._stream_shard = shard
-        self._stream.write(self._header(shard))
-        return self._stream
+    def _descriptor(self, shard: int) -> int:
+        """The shard's file, created with its header on first use (call with the lock held)."""
+        descriptor = self._descriptors.get(shard)
+        if descriptor is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(
+                self.shard_files[shard], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666
+            )
+            self._descriptors[shard] = descriptor
+            _pwrite_all(descriptor, memoryview(self._headers[shard]), 0)
+        return descriptor
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor of the plan; its name, shape and dtype must match the plan."""
-        if self._next >= len(self.plan):
+    def write(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        download: Callable[[torch.Tensor, Callable[[memoryview], object]], None] | None = None,
+    ) -> None:
+        """Write one tensor of the plan, in its place; its shape and dtype must match the plan.
+
+        A tensor on a GPU comes to the CPU whole (``.cpu()``), unless ``download`` passes its
+        bytes to the file a chunk at a time (``Stager.download``).
+        """
+        index = self._index.get(name)
+        if index is None:
             raise CheckpointError(
-                f"{self.directory}: tensor {name!r} written after all {len(self.plan)} planned "
-                "tensors."
+                f"{self.directory}: tensor {name!r} is not in the write plan ({len(self.plan)} "
+                "tensors)."
             )
-        planned_name, shape, dtype = self.plan[self._next]
-        if name != planned_name:
-            raise CheckpointError(
-                f"{self.directory}: expected tensor {planned_name!r} (number {self._next + 1} of "
-                f"the plan) but got {name!r}; tensors must be written in plan order."
-            )
+        _, shape, dtype = self.plan[index]
         if tuple(tensor.shape) != shape:
             raise ShapeMismatchError(
                 f"{self.directory}: tensor {name!r} has shape {list(tensor.shape)} but the plan "
@@ -164,27 +187,43 @@ class StreamingShardWriter:
                 f"{self.directory}: tensor {name!r} has dtype {tensor.dtype} but the plan says "
                 f"{dtype}; cast it before writing."
             )
-        shard = self._shard_of[self._next]
-        stream = self._stream if shard == self._stream_shard else self._open_shard(shard)
-        assert stream is not None
-        _write_tensor_bytes(stream, tensor)
-        self._next += 1
+        with self._lock:
+            if index in self._written:
+                raise CheckpointError(f"{self.directory}: tensor {name!r} was written twice.")
+            self._written.add(index)
+            descriptor = self._descriptor(self._shard_of[index])
+        position = self._position[index]
+
+        def sink(data: memoryview) -> None:
+            nonlocal position
+            position = _pwrite_all(descriptor, data, position)
+
+        if download is not None and tensor.device.type != "cpu":
+            download(tensor, sink)
+        else:
+            sink(_tensor_bytes(tensor.cpu()))
+
+    def _close_files(self) -> None:
+        with self._lock:
+            for descriptor in self._descriptors.values():
+                os.close(descriptor)
+            self._descriptors.clear()
 
     def close(self) -> None:
         """Finish: check every planned tensor was written, close files, write the index."""
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
-        if self._next < len(self.plan):
-            missing = len(self.plan) - self._next
+        self._close_files()
+        missing = [
+            name for index, (name, _, _) in enumerate(self.plan) if index not in self._written
+        ]
+        if missing:
             raise CheckpointError(
-                f"{self.directory}: {missing} planned tensors were never written, starting with "
-                f"{self.plan[self._next][0]!r}; the output is incomplete."
+                f"{self.directory}: {len(missing)} planned tensors were never written, starting "
+                f"with {missing[0]!r}; the output is incomplete."
             )
         if not self.plan:
-            self._open_shard(0)  # an empty but valid model.safetensors
-            self._stream.close()  # type: ignore[union-attr]
-            self._stream = None
+            with self._lock:
+                self._descriptor(0)  # an empty but valid model.safetensors
+            self._close_files()
         if len(self.shard_files) > 1:
             index = {
                 "metadata": {"total_size": self.total_size},
@@ -199,9 +238,7 @@ class StreamingShardWriter:
 
     def abort(self) -> None:
         """Close open files without finishing (the caller discards the directory)."""
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+        self._close_files()
 
     def __enter__(self) -> StreamingShardWriter:
         return self
