@@ -10,15 +10,33 @@
   ``--batch-size`` (bench/lmeval_runner.py, run by bench/.venv-lmeval/bin/python as a
   subprocess). Each choice is a continuation; its score is the summed log-probability of all its
   tokens.
-* ``mergearena``: mergearena's own evaluation, once per ``--mc-rule`` (``run_mergearena``).
+* ``mergearena``: mergearena's own evaluation, once per ``--mc-rule`` (``run_mergearena``), with
+  ``--batch-size auto`` the limits ``mergearena eval`` uses on the device (examples and padded
+  tokens per batch, ``scoring.auto_limits``).
 
-Only the scoring is timed: model loading is reported apart. Predictions are compared between
-tools that apply the same rule (starter-kit vs mergearena/starter-kit, lm-eval vs
-mergearena/loglik) and across rules (starter-kit vs lm-eval) for information.
+Only the scoring is timed: model loading is reported apart. On a GPU each tool first scores two
+rows untimed (CUDA's start-up), but a tool's first full pass still loads kernels and grows the
+memory pool (mergearena took 6.1 s, then 3.5 s, on the 8B run below): give ``--repeat 2``.
+Predictions are compared between tools that apply the same rule (starter-kit vs
+mergearena/starter-kit, lm-eval vs mergearena/loglik) and across rules (starter-kit vs lm-eval) for
+information. In bfloat16, batching alone moves scores by about 0.1 (the kit's own rows batched
+differently would too), so rows whose best two choices are that close can flip.
 
     bash bench/setup_eval.sh                     # once: lm-eval venv + SmolLM2-135M checkpoint
     .venv/bin/python bench/eval_speed.py         # 40 rows, all tools
     .venv/bin/python bench/eval_speed.py --rows 100 --repeat 3 --tools starter-kit,lm-eval
+
+Random weights (``--random-init``), for machines the real weights cannot reach: a model of
+``--model``'s config, or of a known ``--shape`` (``llama-3-8b``: Llama-3-8B's layers, the vocabulary
+of ``--model``'s tokenizer), seeded, built in memory on ``--device`` in ``--dtype`` and shared by
+the starter kit and mergearena. ``--model`` then needs only the tokenizer files (and config.json
+without ``--shape``). ``--random-init DIR`` also saves it there (or loads it from there) for
+lm-eval, which runs in another process. The 8B comparison on one GPU (TOKENIZER_DIR: SmolLM2's
+tokenizer.json and tokenizer_config.json; DATA: cosmos_qa.csv, as ../shared stays behind):
+
+    PYTHONPATH=src python3 bench/eval_speed.py --model TOKENIZER_DIR --data DATA --random-init \
+        --shape llama-3-8b --device cuda --dtype bfloat16 --rows 500 --repeat 2 \
+        --tools starter-kit,mergearena
 
 Rows. ``--rows N`` takes the first N rows of the competition's cosmos_qa.csv. Its rows come in four
 prompt templates: half have the option texts as answer choices, half have letters ("A".."D") with
@@ -190,27 +208,77 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def random_model(config_dir: Path, out: Path, seed: int = 0) -> Path:
-    """A model with ``config_dir``'s config and tokenizer and seeded random weights, saved once.
+# Known model shapes for --random-init --shape: config fields over a Llama config whose
+# vocabulary is the tokenizer's.
+SHAPES = {
+    "llama-3-8b": {  # Meta-Llama-3-8B's config.json
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+}
 
-    For machines the real weights cannot reach (the GPU machine): timings need only the shapes.
+
+def random_config(model_dir: Path, shape: str | None):
+    """``model_dir``'s config, or a Llama config of ``shape`` over its tokenizer's vocabulary."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig
+
+    if shape is None:
+        return AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **SHAPES[shape],
+    )
+
+
+def random_model(
+    model_dir: Path, *, shape: str | None, dtype: str, device: str, out: Path | None, seed: int = 0
+):
+    """A model with seeded random weights, on ``device`` in ``dtype``; timings need only shapes.
+
+    Built where it runs (an 8B model takes seconds on a GPU, and no disk). With ``out``: loaded
+    from there if it holds a checkpoint, else saved there with ``model_dir``'s tokenizer.
     """
-    if (out / "config.json").is_file():
-        return out
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if out is not None and (out / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=_torch_dtype(dtype))
+        return model.to(device).eval()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(config_dir).save_pretrained(out)
-    return out
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            random_config(model_dir, shape), dtype=_torch_dtype(dtype)
+        )
+    if out is not None:
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return model.eval()
+
+
+def _parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def run_starter_kit(
-    model_dir: Path, rows: list[dict], dtype: str, repeat: int, device: str = "cpu"
+    model_dir: Path,
+    rows: list[dict],
+    dtype: str,
+    repeat: int,
+    device: str = "cpu",
+    model=None,
 ) -> dict:
-    """The starter kit's loop, in this process. Scores are those of the last repeat."""
+    """The starter kit's loop, in this process, on ``model`` if given (else loaded from
+    ``model_dir``, whose tokenizer it uses either way). Scores are those of the last repeat."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -218,19 +286,23 @@ def run_starter_kit(
     from starter_kit_loop import starter_kit_eval
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_torch_dtype(dtype)).to(device)
-    model.eval()
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_torch_dtype(dtype))
+        model = model.to(device).eval()
     load_seconds = time.perf_counter() - t0
-    times, results = [], None
+    if device.startswith("cuda"):
+        starter_kit_eval(model, str(model_dir), rows[:2])  # CUDA's start-up, untimed
+    times, cpu_times, results = [], [], None
     for _ in range(repeat):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         results = starter_kit_eval(model, str(model_dir), rows)
         _sync(device)
         times.append(time.perf_counter() - t0)
-    del model
+        cpu_times.append(time.process_time() - c0)
     return {
         "seconds": min(times),
+        "cpu_seconds": min(cpu_times),
         "all_seconds": times,
         "load_seconds": load_seconds,
         "threads": torch.get_num_threads(),
@@ -320,42 +392,68 @@ def run_mergearena(
     dtype: str,
     device: str = "cpu",
     repeat: int = 1,
+    model=None,
+    token_budget: int | None = None,
 ) -> dict:
-    """mergearena's scorer on the same rows (encoding included in the time, as for the others).
+    """mergearena's scorer on the same rows (encoding included in the time, as for the others),
+    on ``model`` if given (else loaded from ``model_dir``, whose tokenizer it uses either way).
 
-    For ``starter-kit`` the EOS decision follows the transcription's tokenizer under the installed
-    transformers (see ``_transcription_appends_eos``), so both apply the very same rule.
+    ``batch_size`` "auto" takes ``scoring.auto_limits`` for the device, as ``mergearena eval``
+    does; ``token_budget`` overrides its token budget (a number batch size has none unless
+    given). For ``starter-kit`` the EOS decision follows the transcription's tokenizer under the
+    installed transformers (see ``_transcription_appends_eos``), so both apply the very same rule.
     """
     import torch
 
     sys.path.insert(0, str(REPO_ROOT / "src"))
+    from transformers import AutoTokenizer
+
     from mergearena.evaluation import LanguageModel, encode_choices, encode_prompts, score_choices
+    from mergearena.evaluation.scoring import auto_limits
 
     t0 = time.perf_counter()
-    lm = LanguageModel.load(model_dir, device=device, dtype=dtype)
+    if model is None:
+        lm = LanguageModel.load(model_dir, device=device, dtype=dtype)
+    else:
+        lm = LanguageModel(model, AutoTokenizer.from_pretrained(model_dir), name="random")
     if mc_rule == "starter-kit":
         lm.eos_rule = _transcription_appends_eos(lm.tokenizer)
     load_seconds = time.perf_counter() - t0
-    size = batch_size if batch_size == "auto" else int(batch_size)
-    if size == "auto":
-        size = 16 if device.startswith("cuda") else 8
-    times, results = [], None
+    if batch_size == "auto":
+        size, budget = auto_limits(lm.device)
+    else:
+        size, budget = int(batch_size), None
+    budget = token_budget or budget
+
+    def score(some_rows: list[dict]):
+        prompts = encode_prompts(lm, [r["input"] for r in some_rows])
+        choices = encode_choices(lm, [r["answer_choices"] for r in some_rows], mc_rule)
+        return score_choices(
+            lm, prompts, choices, rule=mc_rule, batch_size=size, token_budget=budget
+        )
+
+    if device.startswith("cuda"):
+        score(rows[:2])  # CUDA's start-up, untimed
+        torch.cuda.reset_peak_memory_stats()
+    times, cpu_times, results = [], [], None
     for _ in range(repeat):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        prompts = encode_prompts(lm, [r["input"] for r in rows])
-        choices = encode_choices(lm, [r["answer_choices"] for r in rows], mc_rule)
-        results = score_choices(lm, prompts, choices, rule=mc_rule, batch_size=size)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        results = score(rows)
+        _sync(device)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     return {
         "seconds": min(times),
+        "cpu_seconds": min(cpu_times),
         "all_seconds": times,
         "load_seconds": load_seconds,
         "threads": torch.get_num_threads(),
         "batch_size": size,
+        "token_budget": budget,
+        "peak_gib": (
+            torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+        ),
         "eos_appended": lm.starter_kit_appends_eos if mc_rule == "starter-kit" else None,
         "scores": [list(r.scores) for r in results],
         "predictions": [r.prediction for r in results],
@@ -395,7 +493,7 @@ def print_table(results: dict, rows: list[dict], agreements: list[dict]) -> None
     n = len(rows)
     base = results.get("starter-kit")
     header = (
-        f"{'tool':<24} {'rule':<12} {'scoring s':>10} {'load s':>8} {'ex/s':>8} "
+        f"{'tool':<24} {'rule':<12} {'scoring s':>10} {'cpu s':>8} {'load s':>8} {'ex/s':>8} "
         f"{'vs kit':>8} {'acc':>6}"
     )
     print(header)
@@ -405,13 +503,25 @@ def print_table(results: dict, rows: list[dict], agreements: list[dict]) -> None
             print(f"{name:<24} {res.get('rule', ''):<12} {res['error']}")
             continue
         ratio = f"{base['seconds'] / res['seconds']:.2f}x" if base and "seconds" in base else "-"
+        cpu = "-" if res.get("cpu_seconds") is None else f"{res['cpu_seconds']:.2f}"
         acc = accuracy(res, rows)
         acc_text = "-" if acc is None else f"{acc:.3f}"
         print(
-            f"{name:<24} {res.get('rule', ''):<12} {res['seconds']:>10.2f} "
+            f"{name:<24} {res.get('rule', ''):<12} {res['seconds']:>10.2f} {cpu:>8} "
             f"{res['load_seconds']:>8.2f} {n / res['seconds']:>8.2f} {ratio:>8} {acc_text:>6}"
         )
-    print("('vs kit' = starter-kit time / this tool's time: above 1 is faster than the kit)")
+    print(
+        "('vs kit' = starter-kit time / this tool's time: above 1 is faster than the kit; "
+        "cpu s = this process's CPU time for that run)"
+    )
+    for name, res in results.items():
+        if res.get("batch_size") is not None:
+            peak = res.get("peak_gib")
+            print(
+                f"{name}: at most {res['batch_size']} examples and "
+                f"{res['token_budget'] or 'any number of'} tokens a batch"
+                + ("" if peak is None else f", peak GPU memory {peak:.1f} GiB")
+            )
     if agreements:
         print()
         for ag in agreements:
@@ -422,6 +532,21 @@ def print_table(results: dict, rows: list[dict], agreements: list[dict]) -> None
                 f"predictions {ag['a']} vs {ag['b']}: {ag['same']}/{ag['of']} same, {mark}; "
                 f"max |score diff| {diff}{note}"
             )
+
+
+IN_MEMORY = Path()  # --random-init without a DIR
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or auto")
+    return size
 
 
 def _csv_list(value: str, allowed) -> list[str]:
@@ -448,7 +573,17 @@ def parse_args(argv=None):
         help="comma list of " + ",".join(ALL_TOOLS),
     )
     ap.add_argument(
-        "--batch-size", type=int, default=8, help="lm-eval's and mergearena's batch size"
+        "--batch-size",
+        type=_batch_size,
+        default="auto",
+        help="mergearena's examples per batch, or auto (default: its limits for the device, "
+        "examples and tokens); lm-eval's batch size (8 under auto)",
+    )
+    ap.add_argument(
+        "--token-budget",
+        type=int,
+        help="mergearena's padded tokens per forward pass (default: auto's for the device, "
+        "none with a number --batch-size)",
     )
     ap.add_argument(
         "--mc-rule",
@@ -480,9 +615,19 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or cuda (starter kit and mergearena)")
     ap.add_argument(
         "--random-init",
+        nargs="?",
+        const=IN_MEMORY,
         type=Path,
-        help="build (once) a model with --model's config and tokenizer and random weights here, "
-        "and time that (needs only config.json and the tokenizer files in --model)",
+        metavar="DIR",
+        help="time a model with seeded random weights of --model's config (or --shape), built "
+        "on --device in --dtype and shared by starter-kit and mergearena (--model then needs "
+        "only config.json and the tokenizer files); with DIR also saved there, or loaded from "
+        "there if present, for lm-eval",
+    )
+    ap.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        help="with --random-init: this shape over --model's tokenizer (no config.json needed)",
     )
     ap.add_argument("--json", type=Path, help="write all results here")
     return ap.parse_args(argv)
@@ -498,13 +643,30 @@ def main(argv=None) -> int:
         return 1 if report["failures"] else 0
 
     rows = load_cosmos_rows(args.data, args.rows, full_text_choices=not args.letter_choices)
+    if args.shape and args.random_init is None:
+        raise SystemExit("--shape needs --random-init: it describes random weights")
+    model, lm_eval_model = None, args.model
     if args.random_init is not None:
-        args.model = random_model(args.model, args.random_init)
+        if "lm-eval" in args.tools and args.random_init == IN_MEMORY:
+            raise SystemExit("lm-eval runs in another process: give --random-init DIR to share")
+        out = None if args.random_init == IN_MEMORY else args.random_init
+        t0 = time.perf_counter()
+        model = random_model(
+            args.model, shape=args.shape, dtype=args.dtype, device=args.device, out=out
+        )
+        lm_eval_model = out
+        print(
+            f"random weights, {args.shape or 'the config of ' + str(args.model)}: "
+            f"{_parameters(model) / 1e9:.2f}B parameters, built in "
+            f"{time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
     print(
         f"{len(rows)} rows of {args.data.name}, {'letter' if args.letter_choices else 'full-text'} "
-        f"choices, model {args.model}, {args.dtype}, repeat {args.repeat}",
+        f"choices, model {args.model}, {args.dtype}, {args.device}, repeat {args.repeat}",
         flush=True,
     )
+    lm_eval_batch = 8 if args.batch_size == "auto" else args.batch_size
 
     results: dict[str, dict] = {}
     for tool in args.tools:
@@ -512,17 +674,19 @@ def main(argv=None) -> int:
             print("running starter-kit ...", flush=True)
             results["starter-kit"] = {
                 "rule": "starter-kit",
-                **run_starter_kit(args.model, rows, args.dtype, args.repeat, args.device),
+                **run_starter_kit(
+                    args.model, rows, args.dtype, args.repeat, args.device, model=model
+                ),
             }
         elif tool == "lm-eval":
-            print(f"running lm-eval (batch {args.batch_size}) ...", flush=True)
+            print(f"running lm-eval (batch {lm_eval_batch}) ...", flush=True)
             results["lm-eval"] = {
                 "rule": "loglik",
                 **run_lm_eval(
-                    args.model,
+                    lm_eval_model,
                     rows,
                     args.dtype,
-                    args.batch_size,
+                    lm_eval_batch,
                     args.repeat,
                     args.lm_eval_python,
                     args.lm_eval_prefix,
@@ -542,6 +706,8 @@ def main(argv=None) -> int:
                         args.dtype,
                         device=args.device,
                         repeat=args.repeat,
+                        model=model,
+                        token_budget=args.token_budget,
                     ),
                 }
             if args.bf16_agreement and args.dtype != "bfloat16":
@@ -558,6 +724,9 @@ def main(argv=None) -> int:
                         "bfloat16",
                         device=args.device,
                         repeat=args.repeat,
+                        # The last use of the random weights: converted in place.
+                        model=None if model is None else model.to(dtype=_torch_dtype("bfloat16")),
+                        token_budget=args.token_budget,
                     ),
                 }
 

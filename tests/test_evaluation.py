@@ -195,6 +195,34 @@ def test_evaluation_is_independent_of_batch_size(tmp_path, make_checkpoint):
         assert a.scores == pytest.approx(b.scores, abs=1e-5)
 
 
+def test_auto_batch_size_halves_examples_and_tokens_until_the_work_fits():
+    from types import SimpleNamespace
+
+    from mergearena.evaluation import runner, scoring
+
+    lm = SimpleNamespace(device=torch.device("cpu"))
+    calls = []
+
+    def run(size, budget):
+        calls.append((size, budget))
+        if size > 16:
+            raise RuntimeError("DefaultCPUAllocator: out of memory")
+        return "scored"
+
+    examples, tokens = scoring.auto_limits(lm.device)
+    assert runner._with_batch_size(lm, "auto", run, 1000) == ("scored", 16)
+    assert calls[:2] == [(examples, tokens), (examples // 2, tokens // 2)]
+    assert calls[-1] == (16, tokens * 16 // examples)
+    # A number is that many examples a batch, with no token budget.
+    assert runner._with_batch_size(lm, 3, lambda *limits: limits, 10) == ((3, None), 3)
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        runner._with_batch_size(lm, "auto", _raise_device_assert, 10)
+
+
+def _raise_device_assert(size, budget):
+    raise RuntimeError("device-side assert triggered")
+
+
 def test_chat_template_and_fewshot_prompts(tmp_path, make_checkpoint):
     lm = LanguageModel.load(make_checkpoint("llama", seed=0))
     path = write_task(tmp_path / "chat.csv", GEN_ROWS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -213,6 +214,111 @@ def test_starter_kit_rule_matches_the_starter_kit_code_on_llama_tokenizers(kind)
         prediction, scores = starter_kit_transcription(lm, prompt, group)
         assert result.prediction == prediction
         assert result.scores == pytest.approx(scores, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_choice_runs_read_one_prompt_cache_without_copies(monkeypatch, kind, shared):
+    """Each run of choices reads the prompt cache through a view that stores nothing, so no
+    run copies it; where the layers are not plain DynamicLayers, each run takes a copy."""
+    from mergearena.evaluation import scoring
+
+    lm = tiny_lm(kind, "llama", seed=8)
+    expected = [
+        reference_scores(lm, prompt, group, "loglik")
+        for prompt, group in zip(PROMPTS, CHOICES, strict=True)
+    ]
+    made, copied = [], []
+    share, deepcopy = scoring._shared_prompt_cache, copy.deepcopy
+
+    def spy_share(prompt_cache, owner):
+        made.append(share(prompt_cache, owner) if shared else None)
+        return made[-1]
+
+    monkeypatch.setattr(scoring, "_shared_prompt_cache", spy_share)
+    spy_copy = SimpleNamespace(copy=copy.copy, deepcopy=lambda x: copied.append(x) or deepcopy(x))
+    monkeypatch.setattr(scoring, "copy", spy_copy)
+    monkeypatch.setitem(scoring.PASS_OVERHEAD, "cpu", 0)  # one run per choice length
+    results = _batched(lm, "loglik", batch_size=5)
+    for result, reference in zip(results, expected, strict=True):
+        assert result.scores == pytest.approx(reference, abs=1e-4)
+    assert len(made) > 2
+    if shared:
+        assert all(cache is not None for cache in made) and not copied
+    else:
+        assert len(copied) == len(made) - 1  # the last run takes the prompt cache itself
+
+
+def _padded_cost(lengths, runs, overhead):
+    return sum(len(run) * lengths[run.start] + overhead for run in runs)
+
+
+def _least_cost(lengths, overhead):
+    """Every cut of ``lengths`` into runs, the cheapest (no limits)."""
+    best = [0] * (len(lengths) + 1)
+    for start in range(len(lengths) - 1, -1, -1):
+        best[start] = min(
+            (end - start) * lengths[start] + overhead + best[end]
+            for end in range(start + 1, len(lengths) + 1)
+        )
+    return best[0]
+
+
+def test_chunk_rows_cuts_at_least_cost_and_keeps_to_its_limits():
+    import random
+
+    from mergearena.evaluation.scoring import chunk_rows
+
+    rng = random.Random(0)
+    for _ in range(500):
+        lengths = sorted((rng.randint(1, 9) for _ in range(rng.randint(1, 14))), reverse=True)
+        overhead = rng.randint(0, 12)
+        runs = chunk_rows(lengths, budget=10**9, overhead=overhead)
+        assert [k for run in runs for k in run] == list(range(len(lengths)))
+        assert _padded_cost(lengths, runs, overhead) == _least_cost(lengths, overhead)
+        budget, max_rows = rng.randint(1, 40), rng.randint(1, 6)
+        runs = chunk_rows(lengths, budget=budget, overhead=overhead, max_rows=max_rows)
+        assert [k for run in runs for k in run] == list(range(len(lengths)))
+        for run in runs:  # a row longer than the budget runs alone
+            assert len(run) == 1 or len(run) * lengths[run.start] <= budget
+            assert len(run) <= max_rows
+    assert chunk_rows([5, 5, 5, 5], budget=100, overhead=0) == [range(0, 4)]
+    assert chunk_rows([9, 2, 2, 2], budget=100, overhead=0) == [range(0, 1), range(1, 4)]
+    assert chunk_rows([9, 2, 2, 2], budget=100, overhead=30) == [range(0, 4)]
+    assert chunk_rows([], budget=100, overhead=0) == []
+
+
+def test_plan_batches_by_examples_or_by_tokens():
+    from mergearena.evaluation.scoring import plan_batches
+
+    lengths = [3, 40, 5, 5, 38, 4]
+    order = sorted(range(6), key=lambda k: -lengths[k])  # 1, 4, 2, 3, 5, 0
+    assert plan_batches(order, lengths, batch_size=4, token_budget=None) == [[1, 4, 2, 3], [5, 0]]
+    # 80 tokens: the long two together, the short four together (padding 1+2 tokens < a pass).
+    planned = plan_batches(order, lengths, batch_size=8, token_budget=80, overhead=8)
+    assert planned == [[1, 4], [2, 3, 5, 0]]
+    assert plan_batches(order, lengths, batch_size=8, token_budget=30, overhead=8) == [
+        [1],
+        [4],
+        [2, 3, 5, 0],
+    ]
+
+
+@pytest.mark.parametrize("rule", ["loglik", "starter-kit"])
+def test_token_budgets_do_not_change_scores(rule):
+    lm = tiny_lm("llama", "llama", seed=9)
+    prompts, choices = encode_prompts(lm, PROMPTS), encode_choices(lm, CHOICES, rule)
+    expected = score_choices(lm, prompts, choices, rule=rule, batch_size=1)
+    for budget in (1, 12, 40, 10**6):
+        results = score_choices(lm, prompts, choices, rule=rule, batch_size=8, token_budget=budget)
+        for result, reference in zip(results, expected, strict=True):
+            assert result.scores == pytest.approx(reference.scores, abs=1e-5)
+            assert result.scored_tokens == reference.scored_tokens
+    texts = generate(lm, prompts, max_new_tokens=5, batch_size=1)
+    for budget in (1, 30, 10**6):
+        assert generate(lm, prompts, max_new_tokens=5, batch_size=8, token_budget=budget) == texts
+    with pytest.raises(EvaluationError, match="token budget must be at least 1"):
+        score_choices(lm, prompts, choices, rule=rule, token_budget=0)
 
 
 def test_starter_kit_rule_skips_the_first_choice_token():
@@ -457,14 +563,13 @@ def test_cuda_scores_equal_cpu_scores(rule):
     )
 
 
-@pytest.mark.parametrize("support", [(True, False), (False, False)])
-def test_models_without_logits_to_keep_masks_score_the_same(monkeypatch, support):
-    """Older transformers take no boolean logits_to_keep (or none at all): full logits then."""
+def test_models_without_logits_to_keep_score_the_same(monkeypatch):
+    """A forward that takes no logits_to_keep computes the prompt's logits everywhere."""
     from mergearena.evaluation import scoring
 
     lm = tiny_lm("llama", "llama", seed=7)
     expected = _batched(lm, "loglik", batch_size=3)
-    monkeypatch.setattr(scoring, "_logits_to_keep_support", lambda _cls: support)
+    monkeypatch.setattr(scoring, "_takes_logits_to_keep", lambda _cls: False)
     for result, reference in zip(_batched(lm, "loglik", batch_size=3), expected, strict=True):
         assert result.scores == pytest.approx(reference.scores, abs=1e-5)
 

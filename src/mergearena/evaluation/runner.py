@@ -30,8 +30,6 @@ from mergearena.evaluation.tasks import (
     load_task,
 )
 
-AUTO_START = {"cpu": 8, "cuda": 64}  # cpu: 8 was fastest for SmolLM2-135M on 2 cores
-
 
 @dataclass
 class ExampleResult:
@@ -269,23 +267,29 @@ def _is_oom(error: RuntimeError) -> bool:
 
 
 def _with_batch_size(
-    lm: LanguageModel, batch_size: int | str, run: Callable[[int], Any], n: int
+    lm: LanguageModel,
+    batch_size: int | str,
+    run: Callable[[int, int | None], Any],
+    n: int,
 ) -> tuple[Any, int]:
-    """Run with a batch size; with "auto", halve from a device-based start until it fits."""
+    """Call ``run(examples per batch, token budget)``: with a number, that many examples and no
+    token budget; with "auto", the device's limits (``scoring.auto_limits``), both halved until
+    the work fits in memory. Returns what ``run`` returned and the examples per batch."""
     if batch_size != "auto":
         if not isinstance(batch_size, int) or batch_size < 1:
             raise EvaluationError(
                 f"batch size must be a positive integer or 'auto', got {batch_size!r}"
             )
-        return run(batch_size), batch_size
-    size = max(1, min(AUTO_START.get(lm.device.type, 16), n))
+        return run(batch_size, None), batch_size
+    size, budget = scoring.auto_limits(lm.device)
+    size = max(1, min(size, n))
     while True:
         try:
-            return run(size), size
+            return run(size, budget), size
         except RuntimeError as error:  # torch.OutOfMemoryError is one
             if not _is_oom(error) or size == 1:
                 raise
-            size //= 2
+            size, budget = size // 2, max(1, budget // 2)
             if lm.device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -349,12 +353,13 @@ def evaluate_task(
         scored, used = _with_batch_size(
             lm,
             batch_size,
-            lambda size: scoring.score_choices(
+            lambda size, budget: scoring.score_choices(
                 lm,
                 [encoded[k] for k in mc],
                 choices,
                 rule=choice_rule,
                 batch_size=size,
+                token_budget=budget,
                 progress=progress,
             ),
             len(mc),
@@ -377,11 +382,12 @@ def evaluate_task(
         texts, used_gen = _with_batch_size(
             lm,
             batch_size,
-            lambda size: scoring.generate(
+            lambda size, budget: scoring.generate(
                 lm,
                 [encoded[k] for k in gen],
                 max_new_tokens=task.settings.max_new_tokens,
                 batch_size=size,
+                token_budget=budget,
                 progress=progress,
             ),
             len(gen),
@@ -425,11 +431,12 @@ def _ask_with_reasoning(
     texts, used = _with_batch_size(
         lm,
         batch_size,
-        lambda size: scoring.generate(
+        lambda size, budget: scoring.generate(
             lm,
             [encoded[k] for k in rows],
             max_new_tokens=cot.max_new_tokens,
             batch_size=size,
+            token_budget=budget,
             stop=cot.stop,
             progress=progress,
         ),
