@@ -494,6 +494,79 @@ def run(
 
 
 @app.command()
+def route(
+    base: Annotated[str, typer.Option(help="The base model: a directory, zoo:NAME or hub id.")],
+    expert: Annotated[
+        list[str],
+        typer.Option(
+            help="An expert, once per expert: a LoRA adapter, or a full fine-tune of the base "
+            "(compressed to --rank by randomized SVD)."
+        ),
+    ],
+    out: OutOption,
+    router: Annotated[
+        str,
+        typer.Option(
+            help="prompt (per prompt: the nearest calibration centroid) or arrow (per token)."
+        ),
+    ] = "prompt",
+    calibration: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="prompt: a task CSV per --expert, in the same order, whose first rows calibrate "
+            "it (default for zoo experts: their task's train split)."
+        ),
+    ] = None,
+    calibration_rows: Annotated[int, typer.Option(help="prompt: rows per expert.")] = 8,
+    rank: Annotated[
+        int | None,
+        typer.Option(help="Rank for full fine-tunes (default: the LoRA experts' rank, else 16)."),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(help="arrow: experts mixed per token (default: 3, or all if fewer)."),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="arrow: softmax temperature.")] = 1.0,
+    general_expert: Annotated[
+        list[str] | None,
+        typer.Option(help="arrow: general adapters to subtract from the experts (GenKnowSub)."),
+    ] = None,
+    force: ForceOption = False,
+    allow_download: DownloadOption = False,
+) -> None:
+    """Build a routed model: the base with its experts beside it as LoRA adapters, and a router."""
+    from mergearena.routed.build import build_routed
+    from mergearena.routed.manifest import count_parameters
+
+    try:
+        manifest = build_routed(
+            base,
+            expert,
+            out,
+            router=router,
+            calibration=calibration or (),
+            calibration_rows=calibration_rows,
+            rank=rank,
+            top_k=top_k,
+            temperature=temperature,
+            general=general_expert or (),
+            overwrite=force,
+            allow_download=allow_download,
+        )
+        parameters = count_parameters(out)
+    except MergeArenaError as error:
+        raise _fail(error) from None
+    table = Table(title=f"routed model at {out} ({manifest.router.kind} router)")
+    for column in ("expert", "from", "rank", "delta kept"):
+        table.add_column(column)
+    for entry in manifest.experts:
+        kept = "(LoRA as is)" if entry.captured is None else f"{entry.captured:.1%}"
+        table.add_row(entry.name, entry.source, str(entry.rank), kept)
+    _print_wide(table)
+    console.print(f"[green]wrote[/] {out}: {parameters:,} parameters (base + experts)")
+
+
+@app.command()
 def demo(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Where merges and leaderboard.json go.")

@@ -151,6 +151,11 @@ def parse_job(data: Any, label: str = "job") -> JobSpec:
 
 def count_parameters(path: Path) -> int:
     """Parameters stored in a model or adapter directory, from its weight files' headers only."""
+    from mergearena.routed.manifest import count_parameters as routed_parameters
+    from mergearena.routed.manifest import is_routed_dir
+
+    if is_routed_dir(path):  # the base and every expert adapter beside it
+        return routed_parameters(path)
     if is_adapter_dir(path):
         files = [path / n for n in (ADAPTER_SAFETENSORS, ADAPTER_BIN) if (path / n).is_file()]
         checkpoint = Checkpoint.from_weight_files(path, files[:1])

@@ -120,12 +120,24 @@ class LanguageModel:
         """Load a checkpoint (a directory, ``zoo:NAME`` or a cached hub id), optionally + LoRA.
 
         ``adapter`` is a model reference too. A ``ref`` that is itself an adapter loads on the
-        base model its ``adapter_config.json`` names.
+        base model its ``adapter_config.json`` names. A routed model's directory (``routed.json``:
+        a base with LoRA experts beside it) loads as ``mergearena.routed`` says.
         """
         from mergearena.checkpoints.lora import LoraAdapter, is_adapter_dir
         from mergearena.checkpoints.refs import resolve_model_ref
+        from mergearena.routed.manifest import is_routed_dir
 
         directory = resolve_model_ref(str(ref), allow_download=allow_download)
+        if is_routed_dir(directory):
+            from mergearena.routed.model import load_routed
+
+            return load_routed(
+                directory,
+                adapter=adapter,
+                device=device,
+                dtype=dtype,
+                allow_download=allow_download,
+            )
         if adapter is None and is_adapter_dir(directory):
             with LoraAdapter.open(directory) as found:
                 base = found.base_model_name_or_path
