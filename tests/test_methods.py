@@ -325,16 +325,57 @@ def tied_values(seed: int) -> torch.Tensor:
     return magnitudes * (torch.randint(0, 2, (20_000,), generator=generator) * 2 - 1)
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Scan in blocks of 4096 entries, so that small tensors exercise the multi-block paths."""
+@pytest.fixture(params=["collected whole", "sampled brackets", "missed brackets"])
+def small_blocks(request, monkeypatch):
+    """Scan in blocks of 4096 entries, so that small tensors exercise the multi-block paths; and
+    find magnitude ranks among all entries, in brackets from a sample (as for large tensors), or
+    in brackets so narrow that most miss and radix selection takes over."""
     monkeypatch.setattr(task_arithmetic_module, "_CHUNK", 4096)
+    if request.param != "collected whole":
+        monkeypatch.setattr(task_arithmetic_module, "_MIN_SAMPLE", 16)
+        monkeypatch.setattr(task_arithmetic_module, "_SAMPLE_EVERY", 4)
+    if request.param == "missed brackets":
+        monkeypatch.setattr(task_arithmetic_module, "_SIGMAS", 0.0)
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("kind", ["tied", "distinct", "mostly zero"])
+def test_magnitude_ranks_equal_a_sort(kind):
+    generator = seeded(6)
+    values = {
+        "tied": tied_values(seed=6),
+        "distinct": torch.randn(20_000, generator=generator),
+        "mostly zero": torch.randn(20_000, generator=generator) * (torch.arange(20_000) % 5 == 0),
+    }[kind]
+    magnitudes = values.abs()
+    ordered = magnitudes.sort().values
+    ranks = [0, 1, 137, 5_000, 10_000, 16_001, 19_998, 19_999]
+    found_ranks = task_arithmetic_module.magnitude_ranks(
+        task_arithmetic_module._Magnitudes(values), ranks
+    )
+    for rank, found in zip(ranks, found_ranks, strict=True):
+        value = ordered[rank]
+        assert (found.value, found.below, found.equal) == (
+            float(value),
+            int((magnitudes < value).sum()),
+            int((magnitudes == value).sum()),
+        )
+
+
+def one_heavy_magnitude(seed: int) -> torch.Tensor:
+    """20k values, 60% of them ±1.5 at scattered places: a cut inside that mass has only ties
+    around it (a sample brackets it between 1.5 and 1.5)."""
+    generator = seeded(seed)
+    values = torch.randn(20_000, generator=generator)
+    heavy = torch.rand(20_000, generator=generator) < 0.6
+    return torch.where(heavy, 1.5 * values.sign(), values)
 
 
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("count", [1, 777, 10_000, 19_999])
-def test_keep_largest_equals_a_stable_sort_with_many_ties(count):
-    values = tied_values(seed=4)
+@pytest.mark.parametrize("make_values", [tied_values, one_heavy_magnitude])
+def test_keep_largest_equals_a_stable_sort_with_many_ties(count, make_values):
+    values = make_values(seed=4)
     reference = torch.zeros(20_000, dtype=torch.bool)
     reference[torch.argsort(values.abs(), descending=True, stable=True)[:count]] = True
     kept = keep_largest_(values.clone(), count)
@@ -352,6 +393,30 @@ def test_keep_rank_range_equals_a_stable_ascending_sort(start, stop):
     reference = torch.zeros(20_000, dtype=torch.bool)
     reference[order[start:stop]] = True
     assert torch.equal(keep_rank_range_(values.clone(), start, stop), values * reference)
+
+
+@pytest.mark.parametrize("method", [ties, breadcrumbs_ties, task_arithmetic])
+def test_deterministic_merges_do_not_depend_on_the_block_size(method, monkeypatch):
+    """Blocks go through the whole tensor's float32 operations: the same bits, block by block."""
+    base, models = random_models(3, shape=(150, 101), seed=15, scale=0.01)
+    low = [model.bfloat16() for model in models]
+    arguments = {"base": base.bfloat16(), "weight": [0.7, 1.0, 0.4]}
+    if method is not task_arithmetic:
+        arguments["density"] = [0.3, 0.5, 0.8]
+    whole = method(low, **arguments)
+    monkeypatch.setattr(task_arithmetic_module, "_CHUNK", 4096)
+    assert torch.equal(method(low, **arguments).view(torch.int32), whole.view(torch.int32))
+
+
+def test_dare_keep_decisions_do_not_depend_on_the_block_size():
+    from mergearena.methods.task_arithmetic import KeepStream
+
+    whole = KeepStream(0.3, seeded(5)).next_(torch.empty(10_000, dtype=torch.uint8))
+    stream, parts = KeepStream(0.3, seeded(5)), torch.empty(10_000, dtype=torch.uint8)
+    for start in range(0, 10_000, 4096):
+        stream.next_(parts[start : start + 4096])
+    assert torch.equal(whole, parts)
+    assert abs(whole.float().mean().item() - 0.3) < 0.02
 
 
 def test_magnitude_prune_matches_mergekit_on_distinct_magnitudes():

@@ -64,7 +64,7 @@ class Source:
             name in self.adapter.target_weight_names() or self.adapter.full_tensor(name) is not None
         )
 
-    def read(self, name: str, cache: dict[tuple[int, str], torch.Tensor]) -> torch.Tensor:
+    def read(self, name: str, cache: dict[tuple, torch.Tensor]) -> torch.Tensor:
         """The tensor ``name`` of this model: the checkpoint's, or with the adapter's change in
         float32 (rounding ``base + delta`` back to a bf16 base would lose most of a small delta
         before the method sees it)."""
@@ -80,7 +80,12 @@ class Source:
                 tensor = replacement
             delta = self.adapter.delta(name, tuple(tensor.shape))
             if delta is not None:  # float32, or the base's dtype if that is wider
-                tensor = delta.to(torch.promote_types(delta.dtype, tensor.dtype)).add_(tensor)
+                dtype = torch.promote_types(delta.dtype, tensor.dtype)
+                if replacement is None and tensor.dtype != dtype:  # converted once for all experts
+                    if (*key, dtype) not in cache:
+                        cache[(*key, dtype)] = tensor.to(dtype)
+                    tensor = cache[(*key, dtype)]
+                tensor = delta.to(dtype).add_(tensor)
         return tensor
 
 

@@ -292,4 +292,4 @@ class LoraFactors:
         return self.down.shape[0]
 
     def delta(self) -> torch.Tensor:
-        return self.scale * (self.up.float() @ self.down.float())
+        return (self.up.float() @ self.down.float()).mul_(self.scale)

@@ -11,24 +11,39 @@ Every method here is the same pipeline with different steps, as in mergekit's
 5. sum, optionally divide by the weights that contributed (``normalize``), scale by ``lambda``
    and add to the base.
 
-Speed: magnitude trimming needs the k-th largest ``|δ|``. mergekit sorts every tensor
-(O(n log n)); ``magnitude_at_rank`` finds it in O(n) with two radix histograms of the float bit
-patterns. Ties at a cut are broken by index as a stable sort would, so the kept set is mergekit's
-wherever magnitudes are distinct. On CPU the other cost is page-faulting fresh tensors, so the
-steps work in place on task vectors the method owns (names ending in ``_``) and accept a
-``scratch`` tensor (float32, shaped like ``δ``, contents overwritten) to reuse instead of
-allocating. The caller's tensors are never modified.
+Streaming: on a CPU, page-faulting a fresh whole-tensor float32 buffer costs several times the
+arithmetic done in it, so ``generalized_task_arithmetic`` never makes one besides its result. A
+sparsifier first scans its task vector, recomputed a block of ``_CHUNK`` entries at a time from
+the inputs, for what it needs of the whole tensor (a magnitude cut, an L1 norm) and returns a
+``Prune`` that applies it to one block; then every step runs a block at a time, in buffers that
+stay in cache. A block goes through exactly the float32 operations the whole tensor would, so the
+result does not depend on the block size: the deterministic methods give the same bits as a
+whole-tensor computation, and as on a GPU, where a block is the whole tensor.
 
-Memory: at most about (models + 2) float32 copies of the tensor: the task vectors, the scratch
-tensor (also the elected sign) and the divisor; the selection scans use blocks of 2^20 entries.
+Magnitude trims need the k-th largest ``|δ|``. mergekit sorts every tensor (O(n log n));
+``magnitude_ranks`` brackets the rank between two magnitudes of a strided sample and collects the
+few entries inside the bracket in one O(n) scan (radix selection on the float bits when a bracket
+misses). Ties at a cut are broken by index as a stable sort would, so the kept set is mergekit's
+wherever magnitudes are distinct.
+
+DARE keeps each entry with probability ``density`` exactly (to 2⁻³², ``KeepStream``), from a
+random stream of its own per model, seeded by the method's generator.
+
+Memory: the float32 result, DARE's keep decisions (a byte an entry per model) and a few blocks per
+model, which a thread keeps from call to call (``Blocks``). DELLA and the ``rescale`` of magnitude
+trims, whose L1 norms are whole-tensor sums (kept bit-exact), hold one float32 task vector per
+model. The caller's tensors are never modified.
 """
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from typing import Annotated, Literal, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,7 +53,10 @@ from mergearena.methods.registry import Range, merge_method
 Consensus = Literal["sum", "count"]
 RescaleMode = Literal["l1", "inverse_density"]
 Density = Annotated[list[float], Range(ge=0, le=1)]
-Sparsifier = Callable[[Tensor, int, Tensor], Tensor]  # (δ, model index, scratch) -> pruned δ
+Prune = Callable[[Tensor, int, Tensor], Tensor]
+"""``(δ block, its start in the flattened tensor, scratch block) -> pruned block``, in place."""
+Sparsifier = Callable[["TaskVector", int], Prune | None]
+"""``(task vector, model index) -> its Prune`` (``None``: keep everything), after any scan."""
 
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"
 DARE_PAPER = "https://arxiv.org/abs/2311.03099"
@@ -46,6 +64,8 @@ BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
 DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
 
 _RESCALE_EPS = 1e-7  # mergekit's: below this L1 norm (before or after) no rescaling happens
+_CHUNK = 1 << 20  # entries per block on a CPU: 4 MiB of float32, cache-resident between steps
+_RANDOM_CHUNK = 1 << 16  # random words drawn at a time on a CPU (bounds NumPy's fresh memory)
 
 
 def _buffer(like: Tensor, scratch: Tensor | None) -> Tensor:
@@ -62,6 +82,53 @@ def _as_float32(tensor: Tensor, scratch: Tensor | None) -> Tensor:
     return _buffer(tensor, scratch).copy_(tensor)
 
 
+def _spans(numel: int, device: torch.device) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each block of a flattened tensor: ``_CHUNK`` entries on a CPU, the
+    whole tensor elsewhere (a GPU has the memory, and each block costs kernel launches)."""
+    size = _CHUNK if device.type == "cpu" else max(numel, 1)
+    return [(start, min(start + size, numel)) for start in range(0, numel, size)]
+
+
+class Blocks:
+    """Buffers of one block each (see ``_spans``), shared by every scan and the merge of a call.
+
+    ``floats(k)`` gives k float32 buffers, ``flags(k)`` k uint8 ones, made on first request and
+    the same ones after. Fresh memory is page-faulted in on first touch, which on a CPU costs more
+    than the arithmetic done in it, and the allocator hands freed blocks back to the system: so
+    on a CPU, ``Blocks.reused`` keeps one set of full-size (``_CHUNK``) buffers per thread from
+    call to call, at most (models + 2) × 4 MiB plus 2 MiB.
+    """
+
+    _per_thread = threading.local()
+
+    def __init__(self, numel: int, device: torch.device) -> None:
+        self.size = min(numel, _CHUNK) if device.type == "cpu" else numel
+        self.device = device
+        self._made: dict[torch.dtype, list[Tensor]] = {torch.float32: [], torch.uint8: []}
+
+    @classmethod
+    def reused(cls, numel: int, device: torch.device) -> Blocks:
+        """The calling thread's CPU buffers (one set, grown as needed), or new ones elsewhere."""
+        if device.type != "cpu":
+            return cls(numel, device)
+        blocks = getattr(cls._per_thread, "blocks", None)
+        if blocks is None or blocks.size != _CHUNK:
+            blocks = cls._per_thread.blocks = cls(_CHUNK, device)
+        return blocks
+
+    def _take(self, dtype: torch.dtype, count: int) -> list[Tensor]:
+        made = self._made[dtype]
+        while len(made) < count:
+            made.append(torch.empty(self.size, dtype=dtype, device=self.device))
+        return made[:count]
+
+    def floats(self, count: int) -> list[Tensor]:
+        return self._take(torch.float32, count)
+
+    def flags(self, count: int) -> list[Tensor]:
+        return self._take(torch.uint8, count)
+
+
 # --- 1. task vectors ---------------------------------------------------------------------------
 
 
@@ -73,6 +140,62 @@ def task_vector(tensor: Tensor, base: Tensor, scratch: Tensor | None = None) -> 
     return delta.sub_(_as_float32(base, scratch))
 
 
+class TaskVector:
+    """``δ = θ − θ_base`` of one model, flattened, computed a block at a time and never stored.
+
+    Each entry gets ``task_vector``'s arithmetic (both sides in float32, then subtracted), so a
+    block equals the same slice of ``task_vector(θ, θ_base)`` bit for bit.
+    """
+
+    def __init__(self, tensor: Tensor, base: Tensor, blocks: Blocks | None = None) -> None:
+        self.shape = base.shape
+        self.tensor = tensor.reshape(-1)
+        self.base = base.reshape(-1)
+        self.numel = self.base.numel()
+        self.device = self.base.device
+        self.blocks = blocks or Blocks(self.numel, self.device)  # shared by a call's vectors
+
+    def block(self, start: int, stop: int, out: Tensor, base32: Tensor) -> Tensor:
+        """Entries ``[start, stop)`` of δ, written into ``out``; ``base32`` holds the same entries
+        of the base in float32."""
+        theta = self.tensor[start:stop]
+        if theta.dtype == torch.float32:
+            return torch.sub(theta, base32, out=out)
+        return out.copy_(theta).sub_(base32)
+
+    def magnitudes(self, start: int, stop: int, out: Tensor, scratch: Tensor) -> Tensor:
+        """``|δ|`` of entries ``[start, stop)`` in ``out`` (``scratch``: another block buffer)."""
+        base32 = _as_float32(self.base[start:stop], scratch)
+        return self.block(start, stop, out, base32).abs_()
+
+    def strided_magnitudes(self, step: int) -> Tensor:
+        """``|δ|`` of every ``step``-th entry, from the first."""
+        return torch.sub(self.tensor[::step].float(), self.base[::step].float()).abs_()
+
+    def whole(self) -> Tensor:
+        """The whole task vector as a new float32 tensor, shaped like the base."""
+        return task_vector(self.tensor, self.base).view(self.shape)
+
+
+class _Magnitudes:
+    """``|δ|`` of a given float32 tensor ``δ``, read like a ``TaskVector`` (``magnitude_ranks``)."""
+
+    def __init__(self, delta: Tensor) -> None:
+        self.flat = delta.view(-1)
+        self.numel = self.flat.numel()
+        self.device = self.flat.device
+        self.blocks = Blocks(self.numel, self.device)
+
+    def magnitudes(self, start: int, stop: int, out: Tensor, scratch: Tensor) -> Tensor:
+        return torch.abs(self.flat[start:stop], out=out)
+
+    def strided_magnitudes(self, step: int) -> Tensor:
+        return self.flat[::step].abs()
+
+
+MagnitudeSource = TaskVector | _Magnitudes
+
+
 def l1_norm(delta: Tensor, scratch: Tensor | None = None) -> Tensor:
     """``‖δ‖₁ = Σ|δ|``, summed like mergekit (``abs().sum()``) so that rescaling matches exactly."""
     return torch.abs(delta, out=_buffer(delta, scratch)).sum()
@@ -82,19 +205,151 @@ def l1_norm(delta: Tensor, scratch: Tensor | None = None) -> Tensor:
 
 
 class MagnitudeRank(NamedTuple):
-    """The magnitude at one ascending rank of ``|δ|``, and how many entries lie below and at it."""
+    """The magnitude at one ascending rank of ``|δ|``, how many entries lie below and at it, and
+    where those at it are, when the scan that found it saw: their flat indices (ascending), or
+    how many there are in each block (of ``_spans``)."""
 
     value: float
     below: int  # entries with a smaller magnitude
     equal: int  # entries with exactly this magnitude (ties)
+    ties: Tensor | None = None
+    ties_per_block: list[int] | None = None
 
 
-_CHUNK = 1 << 20  # entries per block of the selection scans, which bounds their scratch memory
+_SAMPLE_EVERY = 64  # one entry in this many is sampled to bracket a rank...
+_SAMPLE = 1 << 16  # ...but at most this many
+_MIN_SAMPLE = 1 << 10  # smaller samples are not worth sorting: the tensor is collected whole
+_SIGMAS = 4.0  # a bracket spans the sample quantile ± this many standard deviations
+_COLLECT_FRACTION = 8  # a bracket collects at most numel / 8 entries (at least _SAMPLE)
 
 
-def _blocks(flat: Tensor) -> list[tuple[int, Tensor]]:
-    """``(start, flat[start : start + _CHUNK])`` for each block of ``flat``."""
-    return [(start, flat[start : start + _CHUNK]) for start in range(0, flat.numel(), _CHUNK)]
+def magnitude_ranks(source: MagnitudeSource, ranks: Sequence[int]) -> list[MagnitudeRank]:
+    """The ``rank``-th smallest (0-based) ``|δ|`` for each rank, exactly, in one scan of ``source``.
+
+    Each rank is bracketed between two magnitudes of a strided sample (about n / 64 of them, at
+    most ``_SAMPLE``), ``low ≤ high``, ±4 standard deviations of the sample quantile around it
+    (under 2% of the entries with the largest sample); the scan counts the entries below ``low``
+    and collects the indices and magnitudes of those in ``[low, high]``, among which the rank and
+    all its ties lie. Tensors of fewer than 65,536 entries are collected whole. If a bracket
+    misses the rank (an unrepresentative sample) or holds more than an eighth of the entries (a
+    heavily tied magnitude other than its only one), that rank falls back to ``_radix_rank``.
+    Cost: one O(n) scan, against the O(n log n) sort of mergekit.
+    """
+    brackets = _brackets(source, ranks)
+    scans = _scan_brackets(source, brackets)
+    results = []
+    for rank, (low, high), scan in zip(ranks, brackets, scans, strict=True):
+        if not scan.below <= rank < scan.below + sum(scan.inside):
+            results.append(_radix_rank(source, rank))
+        elif low == high:  # one magnitude, all ties: their counts per block locate them
+            results.append(MagnitudeRank(low, scan.below, sum(scan.inside), None, scan.inside))
+        elif scan.values is not None and scan.indices is not None:
+            results.append(_rank_among(scan.values, scan.indices, scan.below, rank))
+        else:
+            results.append(_radix_rank(source, rank))
+    return results
+
+
+def _brackets(source: MagnitudeSource, ranks: Sequence[int]) -> list[tuple[float, float]]:
+    """``(low, high)`` magnitudes that probably enclose each rank (see ``magnitude_ranks``)."""
+    numel = source.numel
+    if numel < _SAMPLE_EVERY * _MIN_SAMPLE:
+        return [(0.0, math.inf)] * len(ranks)
+    step = (numel // min(_SAMPLE, numel // _SAMPLE_EVERY)) | 1  # odd: no aliasing with rows
+    sample = np.sort(source.strided_magnitudes(step).cpu().numpy())
+    size = sample.size
+    brackets = []
+    for rank in ranks:
+        quantile = (rank + 0.5) / numel
+        margin = _SIGMAS * math.sqrt(size * quantile * (1 - quantile)) + 1
+        first = math.floor(quantile * size - margin)
+        last = math.ceil(quantile * size + margin)
+        low = float(sample[first]) if first >= 0 else 0.0
+        brackets.append((low, float(sample[last]) if last < size else math.inf))
+    return brackets
+
+
+class _BracketScan(NamedTuple):
+    """What one scan saw of a bracket ``[low, high]``: the entries below ``low`` (a count), those
+    inside (a count per block), and the flat indices (ascending) and magnitudes of those inside
+    when they were collected (not for ``low == high``, nor beyond ``_COLLECT_FRACTION``)."""
+
+    below: int
+    inside: list[int]
+    indices: np.ndarray | None
+    values: np.ndarray | None
+
+
+def _scan_brackets(
+    source: MagnitudeSource, brackets: list[tuple[float, float]]
+) -> list[_BracketScan]:
+    """One scan of ``source`` for every bracket ``(low, high)`` (see ``_BracketScan``)."""
+    numel, device = source.numel, source.device
+    limit = max(_SAMPLE, numel // _COLLECT_FRACTION)
+    below, inside = [0] * len(brackets), [[] for _ in brackets]
+    found: list[list[tuple[np.ndarray, np.ndarray]] | None] = [
+        None if low == high else [] for low, high in brackets
+    ]
+    out, scratch = source.blocks.floats(2)
+    flags = source.blocks.flags(2)
+    for start, stop in _spans(numel, device):
+        size = stop - start
+        magnitudes = source.magnitudes(start, stop, out[:size], scratch[:size])
+        for index, (low, high) in enumerate(brackets):
+            collected = found[index]
+            count_below, count_inside, where, values = _bracket_block(
+                magnitudes, low, high, [flag[:size] for flag in flags], collected is not None
+            )
+            below[index] += count_below
+            inside[index].append(count_inside)
+            if collected is not None and where is not None and values is not None:
+                collected.append((where + start, values))
+                if sum(inside[index]) > limit:
+                    found[index] = None  # a heavily tied magnitude: count, stop collecting
+    results = []
+    for count_below, counts, collected in zip(below, inside, found, strict=True):
+        if collected is None:
+            results.append(_BracketScan(count_below, counts, None, None))
+            continue
+        indices = np.concatenate([where for where, _ in collected] or [np.empty(0, np.int64)])
+        values = np.concatenate([value for _, value in collected] or [np.empty(0, np.float32)])
+        results.append(_BracketScan(count_below, counts, indices, values))
+    return results
+
+
+def _bracket_block(
+    magnitudes: Tensor, low: float, high: float, flags: list[Tensor], collect: bool
+) -> tuple[int, int, np.ndarray | None, np.ndarray | None]:
+    """In one block: the count of entries below ``low``, of those in ``[low, high]`` and, if
+    ``collect``, their positions in the block (ascending) and magnitudes; ``flags``: two uint8
+    buffers like the block. On a CPU through NumPy, whose comparisons and ``flatnonzero`` are 3-6×
+    faster than torch's boolean kernels there."""
+    if magnitudes.device.type == "cpu":
+        values = magnitudes.numpy()
+        low32, high32 = np.float32(low), np.float32(high)
+        under, inside = (flag.numpy().view(np.bool_) for flag in flags)
+        np.less(values, low32, out=under)
+        np.less_equal(values, high32, out=inside)
+        np.greater(inside, under, out=inside)  # in [low, high]: ≤ high and not < low
+        if not collect:
+            return int(np.count_nonzero(under)), int(np.count_nonzero(inside)), None, None
+        where = np.flatnonzero(inside)
+        return int(np.count_nonzero(under)), where.size, where, values[where]
+    count_below = int(torch.count_nonzero(magnitudes < low))
+    inside_mask = (magnitudes >= low) & (magnitudes <= high)
+    if not collect:
+        return count_below, int(torch.count_nonzero(inside_mask)), None, None
+    where_tensor = inside_mask.nonzero().view(-1)
+    where = where_tensor.cpu().numpy()
+    return count_below, where.size, where, magnitudes[where_tensor].cpu().numpy()
+
+
+def _rank_among(values: np.ndarray, indices: np.ndarray, below: int, rank: int) -> MagnitudeRank:
+    """The rank among collected candidates (``below`` entries lie under all of them)."""
+    value = np.float32(torch.kthvalue(torch.from_numpy(values), rank - below + 1).values)
+    smaller = int(np.count_nonzero(values < value))
+    ties = torch.from_numpy(indices[values == value])
+    return MagnitudeRank(float(value), below + smaller, ties.numel(), ties)
 
 
 def _halves(block: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,24 +360,28 @@ def _halves(block: Tensor) -> tuple[Tensor, Tensor]:
     return halves[0::2], halves[1::2]
 
 
-def magnitude_at_rank(flat: Tensor, rank: int) -> MagnitudeRank:
-    """The ``rank``-th smallest (0-based) ``|δ|`` of contiguous float32 ``flat``, without sorting.
+def _radix_rank(source: MagnitudeSource, rank: int) -> MagnitudeRank:
+    """The ``rank``-th smallest ``|δ|`` by radix selection: two scans, no sample, any data.
 
-    Radix selection on the float bit patterns, which for non-negative floats are ordered like the
-    numbers: a histogram of the top 15 bits (sign dropped) finds the bucket holding the rank, a
-    histogram of the low 16 bits of that bucket's entries finds the exact value. O(n) and a few
-    small blocks of scratch, versus the O(n log n) sort mergekit uses.
+    The bit patterns of non-negative floats are ordered like the numbers (NaN above infinity): a
+    histogram of the top 15 bits (the sign is 0) finds the bucket holding the rank, a histogram of
+    the low 16 bits of that bucket's entries finds the exact value.
     """
-    high_counts = torch.zeros(1 << 15, dtype=torch.int64, device=flat.device)
-    for _, block in _blocks(flat):
-        high_counts += torch.bincount(_halves(block)[0].bitwise_and(0x7FFF), minlength=1 << 15)
+    numel, device = source.numel, source.device
+    out, scratch = source.blocks.floats(2)
+    spans = _spans(numel, device)
+    high_counts = torch.zeros(1 << 15, dtype=torch.int64, device=device)
+    for start, stop in spans:
+        block = source.magnitudes(start, stop, out[: stop - start], scratch[: stop - start])
+        high_counts += torch.bincount(_halves(block)[0], minlength=1 << 15)
     cumulative = high_counts.cumsum(0)
     bucket = int(torch.searchsorted(cumulative, rank + 1))
     before = int(cumulative[bucket] - high_counts[bucket])
-    low_counts = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
-    for _, block in _blocks(flat):
+    low_counts = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    for start, stop in spans:
+        block = source.magnitudes(start, stop, out[: stop - start], scratch[: stop - start])
         high, low = _halves(block)
-        selected = low[high.bitwise_and(0x7FFF) == bucket].to(torch.int32).bitwise_and_(0xFFFF)
+        selected = low[high == bucket].to(torch.int32).bitwise_and_(0xFFFF)
         low_counts += torch.bincount(selected, minlength=1 << 16)
     cumulative = low_counts.cumsum(0)
     low_bits = int(torch.searchsorted(cumulative, rank + 1 - before))
@@ -131,21 +390,100 @@ def magnitude_at_rank(flat: Tensor, rank: int) -> MagnitudeRank:
     return MagnitudeRank(float(bits.view(torch.float32)), below, int(low_counts[low_bits]))
 
 
-def nth_with_magnitude(flat: Tensor, value: float, n: int) -> int:
-    """Flat index of the ``n``-th (1-based) entry of ``flat`` whose magnitude is ``value``."""
+def _tie_split(source: MagnitudeSource, rank: MagnitudeRank, count: int) -> int:
+    """One past the flat index of the ``count``-th (1-based) entry whose magnitude is
+    ``rank.value``, in index order: 0 for none of them, ``numel`` for all."""
+    if count <= 0:
+        return 0
+    if count >= rank.equal:
+        return source.numel
+    if rank.ties is not None:
+        return int(rank.ties[count - 1]) + 1
+    out, scratch = source.blocks.floats(2)
     seen = 0
-    for start, block in _blocks(flat):
-        matches = block.abs() == value
-        found = int(matches.sum())
-        if seen + found >= n:
-            return start + int(matches.nonzero()[n - seen - 1])
-        seen += found
-    raise ValueError(f"fewer than {n} entries have magnitude {value}")
+    for index, (start, stop) in enumerate(_spans(source.numel, source.device)):
+        if rank.ties_per_block is not None and seen + rank.ties_per_block[index] < count:
+            seen += rank.ties_per_block[index]  # not in this block: skip reading it
+            continue
+        block = source.magnitudes(start, stop, out[: stop - start], scratch[: stop - start])
+        matches = (block == rank.value).nonzero().view(-1)
+        if seen + matches.numel() >= count:
+            return start + int(matches[count - seen - 1]) + 1
+        seen += matches.numel()
+    raise ValueError(f"fewer than {count} entries have magnitude {rank.value}")
 
 
-def _zero_magnitude_(flat: Tensor, value: float, mask: Tensor) -> Tensor:
-    """Zero the entries of ``flat`` whose magnitude is ``value``, using ``mask`` as scratch."""
-    return flat.mul_(torch.abs(flat, out=mask).ne_(value))
+def _split_at(split: int, start: int, length: int) -> int:
+    """Where flat index ``split`` falls in the block ``[start, start + length)``, clamped."""
+    return min(max(split - start, 0), length)
+
+
+def _keep_top_(magnitudes: Tensor, start: int, value: float, split: int) -> Tensor:
+    """In place on a block of ``|δ|`` starting at flat index ``start``: 1.0 where ``|δ| > value``,
+    or ``|δ| = value`` at a flat index below ``split``; else 0.0."""
+    cut = _split_at(split, start, magnitudes.numel())
+    magnitudes[:cut].ge_(value)
+    magnitudes[cut:].gt_(value)
+    return magnitudes
+
+
+def _keep_from_(magnitudes: Tensor, start: int, value: float, split: int) -> Tensor:
+    """In place: 1.0 where ``|δ| > value``, or ``|δ| = value`` at a flat index ``≥ split``."""
+    cut = _split_at(split, start, magnitudes.numel())
+    magnitudes[:cut].gt_(value)
+    magnitudes[cut:].ge_(value)
+    return magnitudes
+
+
+def _keep_below_(magnitudes: Tensor, start: int, value: float, split: int) -> Tensor:
+    """In place: 1.0 where ``|δ| < value``, or ``|δ| = value`` at a flat index below ``split``."""
+    cut = _split_at(split, start, magnitudes.numel())
+    magnitudes[:cut].le_(value)
+    magnitudes[cut:].lt_(value)
+    return magnitudes
+
+
+class TopCut(NamedTuple):
+    """Keep ``|δ| > value``, and of the entries at ``value`` those at a flat index below
+    ``split``: the ``count`` largest magnitudes, ties to the lower index (``largest_cut``)."""
+
+    value: float
+    split: int
+
+
+def largest_cut(source: MagnitudeSource, count: int) -> TopCut:
+    """The cut that keeps exactly the ``count`` (1 ≤ count < n) largest ``|δ|``, of equal
+    magnitudes at the cut the lower flat index first, as a stable descending sort would."""
+    numel = source.numel
+    rank = magnitude_ranks(source, [numel - count])[0]
+    if rank.value == 0:  # the cut is at zero: keeping or dropping zeros changes nothing
+        return TopCut(0.0, numel)
+    keep_ties = count - (numel - rank.below - rank.equal)
+    return TopCut(rank.value, _tie_split(source, rank, keep_ties))
+
+
+class RangeCut(NamedTuple):
+    """Keep ascending ranks ``[start, stop)`` of ``|δ|`` (stable: equal magnitudes by index):
+    ``|δ|`` above ``low`` or at it from flat index ``low_split`` on, and below ``high`` or at it
+    before flat index ``high_split`` (``rank_range_cut``)."""
+
+    low: float
+    low_split: int
+    high: float
+    high_split: int
+
+
+def rank_range_cut(source: MagnitudeSource, start: int, stop: int) -> RangeCut:
+    """The cut that keeps ascending magnitude ranks ``[start, stop)`` (0 ≤ start < stop ≤ n)."""
+    low, high = magnitude_ranks(source, [start, stop - 1])
+    # ties at the low cut hold ranks [low.below, low.below + low.equal): the first
+    # start − low.below of them go; at the high cut the first stop − high.below of them stay
+    return RangeCut(
+        low.value,
+        _tie_split(source, low, start - low.below),
+        high.value,
+        _tie_split(source, high, stop - high.below),
+    )
 
 
 def keep_largest_(delta: Tensor, count: int, scratch: Tensor | None = None) -> Tensor:
@@ -155,18 +493,13 @@ def keep_largest_(delta: Tensor, count: int, scratch: Tensor | None = None) -> T
     kept, as in a stable descending sort.
     """
     flat = delta.view(-1)
-    numel = flat.numel()
-    if count >= numel:
+    if count >= flat.numel():
         return delta
     if count <= 0:
         return delta.zero_()
-    cut = magnitude_at_rank(flat, numel - count)
-    mask = _buffer(flat, scratch)
-    flat.mul_(torch.abs(flat, out=mask).ge_(cut.value))
-    keep_ties = count - (numel - cut.below - cut.equal)
-    if keep_ties < cut.equal and cut.value > 0:
-        last = nth_with_magnitude(flat, cut.value, keep_ties)
-        _zero_magnitude_(flat[last + 1 :], cut.value, mask.view(-1)[last + 1 :])
+    cut = largest_cut(_Magnitudes(flat), count)
+    mask = torch.abs(flat, out=_buffer(flat, scratch))
+    flat.mul_(_keep_top_(mask, 0, cut.value, cut.split))
     return delta
 
 
@@ -183,18 +516,16 @@ def keep_rank_range_(delta: Tensor, start: int, stop: int, scratch: Tensor | Non
         return delta.zero_()
     if start == 0 and stop == numel:
         return delta
-    low, high = magnitude_at_rank(flat, start), magnitude_at_rank(flat, stop - 1)
-    # ties at the low cut hold ranks [low.below, low.below + low.equal): the first
-    # start − low.below of them go; at the high cut the first stop − high.below of them stay
-    drop_low, keep_high = start - low.below, stop - high.below
-    first = nth_with_magnitude(flat, low.value, drop_low) if drop_low > 0 else -1
-    last = nth_with_magnitude(flat, high.value, keep_high) if keep_high < high.equal else numel
-    mask = _buffer(flat, scratch).view(-1)
-    flat.mul_(torch.abs(flat, out=mask).ge_(low.value))
-    flat.mul_(torch.abs(flat, out=mask).le_(high.value))
-    _zero_magnitude_(flat[: first + 1], low.value, mask[: first + 1])
-    _zero_magnitude_(flat[last + 1 :], high.value, mask[last + 1 :])
+    cut = rank_range_cut(_Magnitudes(flat), start, stop)
+    mask = _buffer(flat, scratch)
+    _keep_range_(flat, 0, cut, mask)
     return delta
+
+
+def _keep_range_(block: Tensor, start: int, cut: RangeCut, scratch: Tensor) -> Tensor:
+    """Zero the entries of a δ block (flat index ``start`` on) outside ``cut``, in place."""
+    block.mul_(_keep_from_(torch.abs(block, out=scratch), start, cut.low, cut.low_split))
+    return block.mul_(_keep_below_(torch.abs(block, out=scratch), start, cut.high, cut.high_split))
 
 
 # --- 2. sparsification -------------------------------------------------------------------------
@@ -246,12 +577,122 @@ def magnitude_outliers_prune_(
     """
     if density >= 1:
         return delta
-    numel = delta.numel()
+    start, stop = _outlier_ranks(delta.numel(), density, gamma)
+    l1_before = l1_norm(delta, scratch) if rescale else 0.0
+    keep_rank_range_(delta, start, stop, scratch)
+    return rescale_l1_(delta, l1_before, scratch) if rescale else delta
+
+
+def _outlier_ranks(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """The ascending ranks ``[b, b + ⌊density·n⌋)`` breadcrumbs keeps."""
     keep_count = int(density * numel)
     bottom_count = max(0, numel - keep_count - int(gamma * numel))
-    l1_before = l1_norm(delta, scratch) if rescale else 0.0
-    keep_rank_range_(delta, bottom_count, bottom_count + keep_count, scratch)
-    return rescale_l1_(delta, l1_before, scratch) if rescale else delta
+    return bottom_count, bottom_count + keep_count
+
+
+def _zero(delta: Tensor, start: int, scratch: Tensor) -> Tensor:
+    """The Prune that keeps nothing."""
+    return delta.zero_()
+
+
+def _precomputed(pruned: Tensor) -> Prune:
+    """The Prune that replaces each block by the same entries of an already pruned task vector."""
+    flat = pruned.view(-1)
+
+    def prune(delta: Tensor, start: int, scratch: Tensor) -> Tensor:
+        return delta.copy_(flat[start : start + delta.numel()])
+
+    return prune
+
+
+def magnitude_pruning(vector: TaskVector, density: float, rescale: bool) -> Prune | None:
+    """``magnitude_prune_`` (the TIES trim) of ``vector``, as a Prune for its blocks.
+
+    One scan finds the cut (``largest_cut``); each block then keeps its entries above it. With
+    ``rescale`` the L1 norms are whole-tensor sums, so the task vector is pruned whole.
+    """
+    numel = vector.numel
+    if density >= 1:
+        return None
+    if density <= 0 or numel == 0:
+        return _zero
+    if rescale:
+        return _precomputed(magnitude_prune_(vector.whole(), density, rescale=True))
+    count = max(1, int(density * numel))
+    if count >= numel:
+        return None
+    cut = largest_cut(vector, count)
+
+    def prune(delta: Tensor, start: int, scratch: Tensor) -> Tensor:
+        return delta.mul_(_keep_top_(torch.abs(delta, out=scratch), start, cut.value, cut.split))
+
+    return prune
+
+
+def magnitude_outliers_pruning(
+    vector: TaskVector, density: float, gamma: float, rescale: bool
+) -> Prune | None:
+    """``magnitude_outliers_prune_`` (the breadcrumbs trim) of ``vector``, as a Prune."""
+    numel = vector.numel
+    if density >= 1:
+        return None
+    if rescale:
+        return _precomputed(magnitude_outliers_prune_(vector.whole(), density, gamma, True))
+    first, stop = _outlier_ranks(numel, density, gamma)
+    if stop <= first:
+        return _zero
+    if first == 0 and stop == numel:
+        return None
+    cut = rank_range_cut(vector, first, stop)
+
+    def prune(delta: Tensor, start: int, scratch: Tensor) -> Tensor:
+        return _keep_range_(delta, start, cut, scratch)
+
+    return prune
+
+
+class KeepStream:
+    """Independent Bernoulli(``p``) keep decisions for consecutive entries.
+
+    Entry ``j`` is kept when the ``j``-th 32-bit word of a private random stream is below
+    ``round(p · 2³²)``: with probability within 2⁻³³ of ``p``, independently of every other
+    entry. The stream is seeded by two 63-bit words drawn from ``generator`` (on its device) when
+    the ``KeepStream`` is made, so a seed gives the same decisions wherever the tensor lives and
+    whatever the block sizes (even counts of entries). For a CPU generator the words come from
+    NumPy's SFC64 (2× faster than torch's Mersenne twister; NumPy keeps its bit streams fixed
+    across versions), elsewhere from a torch generator on the generator's device.
+    """
+
+    def __init__(self, keep_probability: float, generator: torch.Generator | None) -> None:
+        self.threshold = round(keep_probability * 2**32)
+        self.device = generator.device if generator is not None else torch.device("cpu")
+        seed = torch.empty(2, dtype=torch.int64, device=self.device).random_(generator=generator)
+        first, second = seed.tolist()
+        if self.device.type == "cpu":
+            self._words: np.random.SFC64 | torch.Generator = np.random.SFC64([first, second])
+        else:
+            self._words = torch.Generator(self.device).manual_seed(first ^ second)
+
+    def next_(self, flags: Tensor) -> Tensor:
+        """The next ``flags.numel()`` decisions, written into ``flags`` (uint8) as 1 or 0."""
+        count = flags.numel()
+        if self.threshold >= 2**32 or self.threshold <= 0:
+            return flags.fill_(1 if self.threshold > 0 else 0)
+        if isinstance(self._words, np.random.SFC64) and flags.device.type == "cpu":
+            out = flags.numpy().view(np.bool_)
+            for start in range(0, count, _RANDOM_CHUNK):  # small draws reuse their memory
+                stop = min(start + _RANDOM_CHUNK, count)
+                lanes = self._words.random_raw((stop - start + 1) // 2).view(np.uint32)
+                np.less(lanes[: stop - start], np.uint32(self.threshold), out=out[start:stop])
+            return flags
+        if isinstance(self._words, np.random.SFC64):
+            lanes = self._words.random_raw((count + 1) // 2).view(np.uint32)[:count]
+            kept = torch.from_numpy(lanes < np.uint32(self.threshold))
+        else:
+            words = torch.empty((count + 1) // 2, dtype=torch.int64, device=self.device)
+            words.random_(-(2**63), 2**63 - 1, generator=self._words)
+            kept = words.view(torch.int32)[:count] < self.threshold - 2**31
+        return flags.copy_(kept)
 
 
 def bernoulli_mask(
@@ -260,15 +701,18 @@ def bernoulli_mask(
     generator: torch.Generator | None,
     scratch: Tensor | None = None,
 ) -> Tensor:
-    """A float 0/1 mask like ``δ``: each entry is 1 with probability ``p`` (a number or a tensor).
+    """A 0/1 mask like ``δ``: each entry is 1 with probability ``p`` (a number or a tensor).
 
-    Drawn as ``u < p`` with ``u ~ U[0, 1)`` from ``generator``, on the generator's device, so a
-    seed gives the same mask wherever the tensor lives. DARE's drop step: Yu et al., "Language
-    Models are Super Mario", ICML 2024 (arXiv:2311.03099).
+    A number: ``KeepStream``'s decisions (a bool mask; DARE's drop draws the same ones). A
+    tensor: ``u < p`` with ``u ~ U[0, 1)`` drawn on the generator's device (a float mask). Either
+    way a seed gives the same mask wherever the tensor lives. DARE's drop step: Yu et al.,
+    "Language Models are Super Mario", ICML 2024 (arXiv:2311.03099).
     """
-    device = generator.device if generator is not None else delta.device
     if not isinstance(keep_probability, Tensor):
-        return _bernoulli_bits(delta, float(keep_probability), generator, device)
+        flags = torch.empty(delta.numel(), dtype=torch.uint8, device=delta.device)
+        KeepStream(float(keep_probability), generator).next_(flags)
+        return flags.view(torch.bool).view(delta.shape)
+    device = generator.device if generator is not None else delta.device
     uniform = _buffer(delta, scratch)
     if uniform.device == device:
         torch.rand(delta.shape, generator=generator, out=uniform)
@@ -277,24 +721,50 @@ def bernoulli_mask(
     return uniform.lt_(keep_probability)
 
 
-def _bernoulli_bits(
-    delta: Tensor, keep_probability: float, generator: torch.Generator | None, device: torch.device
-) -> Tensor:
-    """A bool mask like ``δ``, each entry True with probability ``p`` rounded to a multiple of 2⁻¹⁶.
+def dare_pruning(
+    vector: TaskVector,
+    density: float,
+    rescale: bool,
+    rescale_mode: RescaleMode,
+    generator: torch.Generator | None,
+) -> Prune | None:
+    """DARE's drop of ``vector`` as a Prune: ``δ ⊙ m`` with ``m`` from a ``KeepStream(density)``.
 
-    Every 64-bit random word gives four 16-bit uniforms, and ``u < p`` is an int16 comparison:
-    about 5× faster than drawing a float per entry (random draws dominate DARE's cost on a CPU).
+    ``rescale_mode="l1"`` (mergekit): times ``‖δ‖₁ / ‖δ ⊙ m‖₁``, both found by a first scan (sums
+    of float32 block sums, accumulated in float64; no rescale when either is below 1e-7), which
+    also stores ``m`` (one byte an entry) for the blocks. ``"inverse_density"`` (the paper):
+    divided by ``density``, so that ``E[δ ⊙ m / p] = δ``.
     """
-    units = round(keep_probability * 65536)
-    if units >= 65536:
-        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
-    if units <= 0:
-        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
-    count = delta.numel()
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1, generator=generator)
-    lanes = words.view(torch.int16)[:count].view(delta.shape)
-    return lanes.lt(units - 32768).to(delta.device)
+    if density >= 1:
+        return None
+    if density <= 0:
+        return _zero
+    stream = KeepStream(density, generator)
+    if not (rescale and rescale_mode == "l1"):
+        (flags,) = vector.blocks.flags(1)
+
+        def drop(delta: Tensor, start: int, scratch: Tensor) -> Tensor:
+            delta.mul_(scratch.copy_(stream.next_(flags[: delta.numel()])))
+            return delta.div_(density) if rescale else delta
+
+        return drop
+    kept = torch.empty(vector.numel, dtype=torch.uint8, device=vector.device)
+    l1_before = l1_after = 0.0
+    out, mask = vector.blocks.floats(2)
+    for start, stop in _spans(vector.numel, vector.device):
+        magnitudes = vector.magnitudes(start, stop, out[: stop - start], mask[: stop - start])
+        l1_before += float(magnitudes.sum())
+        stream.next_(kept[start:stop])
+        l1_after += float(magnitudes.mul_(mask[: stop - start].copy_(kept[start:stop])).sum())
+    scale = 1.0
+    if l1_before >= _RESCALE_EPS and l1_after >= _RESCALE_EPS:
+        scale = l1_before / l1_after
+
+    def drop_and_rescale(delta: Tensor, start: int, scratch: Tensor) -> Tensor:
+        delta.mul_(scratch.copy_(kept[start : start + delta.numel()]))
+        return delta.mul_(scale) if scale != 1 else delta
+
+    return drop_and_rescale
 
 
 def della_keep_probabilities(
@@ -348,22 +818,6 @@ def random_drop_(
     return rescale_l1_(delta, l1_before, scratch)
 
 
-def dare_drop_(
-    delta: Tensor,
-    density: float,
-    rescale: bool,
-    rescale_mode: RescaleMode,
-    generator: torch.Generator | None,
-    scratch: Tensor | None = None,
-) -> Tensor:
-    """DARE drop in place: keep each entry with probability ``density`` (see ``random_drop_``)."""
-    if density >= 1:
-        return delta
-    if density <= 0:
-        return delta.zero_()
-    return random_drop_(delta, density, rescale, rescale_mode, generator, scratch)
-
-
 def della_drop_(
     delta: Tensor,
     density: float,
@@ -400,8 +854,11 @@ def elected_sign(
     """
     total = _buffer(deltas[0], out)
     if consensus == "sum":
-        total.copy_(deltas[0])
-        for delta in deltas[1:]:
+        if len(deltas) == 1:
+            total.copy_(deltas[0])
+        else:
+            torch.add(deltas[0], deltas[1], out=total)
+        for delta in deltas[2:]:
             total.add_(delta)
     elif consensus == "count":
         torch.sign(deltas[0], out=total)
@@ -421,27 +878,30 @@ def disjoint_merge_(
     normalize: bool,
     consensus: Consensus = "sum",
     scratch: Tensor | None = None,
+    divisor: Tensor | None = None,
 ) -> Tensor:
     """TIES disjoint merge, consuming ``deltas`` (the weighted task vectors; the list is emptied).
 
     ``δ = Σᵢ aᵢ δᵢ``, divided by ``Σᵢ aᵢ wᵢ`` (1 where that is 0) if ``normalize``, where
     ``aᵢ = [sign δᵢ = s]`` marks the entries that agree with the elected sign ``s`` (zeros agree
-    with neither). TIES steps 2 and 3, "elect" and "disjoint merge".
+    with neither). TIES steps 2 and 3, "elect" and "disjoint merge". ``scratch`` and ``divisor``
+    are optional float32 buffers shaped like a task vector.
 
     Works in the elected sign's frame: ``δᵢ·s`` clamped at 0 is the agreeing part (``|δᵢ|`` or 0)
     and its sign is ``aᵢ``, so the whole merge is in-place float arithmetic.
     """
     sign = elected_sign(deltas, consensus, out=scratch)
     merged = deltas.pop(0).mul_(sign).clamp_(min=0)  # Σ aᵢ|δᵢ| so far
-    divisor = torch.sign(merged).mul_(weights[0]) if normalize else None
+    if normalize:
+        divisor = torch.sign(merged, out=_buffer(merged, divisor)).mul_(weights[0])
     for weight in weights[1:]:
         delta = deltas.pop(0).mul_(sign).clamp_(min=0)
         merged.add_(delta)
-        if divisor is not None:
+        if normalize:
             divisor.add_(delta.sign_(), alpha=weight)
         del delta
     merged.mul_(sign)
-    if divisor is None:
+    if not normalize:
         return merged
     if min(weights) >= 0:
         # Σ aᵢwᵢ is 0 only where no model agrees, and there the merged value is 0 as well, so a
@@ -477,27 +937,41 @@ def generalized_task_arithmetic(
 ) -> Tensor:
     """``θ_base + λ · merge(wᵢ · sparsify(θᵢ − θ_base))``: the pipeline every method here shares.
 
-    ``sparsify(δ, i, scratch)`` prunes model ``i``'s task vector (it may work in place);
-    ``consensus`` ``None`` sums the task vectors, otherwise the sign is elected that way and
-    disagreeing entries are dropped (``disjoint_merge_``).
+    ``sparsify(task_vector, i)`` scans model ``i``'s ``TaskVector`` as it needs and returns the
+    ``Prune`` for its blocks (``None`` keeps everything); ``consensus`` ``None`` sums the task
+    vectors, otherwise the sign is elected that way and disagreeing entries are dropped
+    (``disjoint_merge_``). Then block by block (see the module docstring), the first model's task
+    vector computed straight into the result.
     """
-    scratch = torch.empty(base.shape, dtype=torch.float32, device=base.device)
-    deltas = []
-    for index, (tensor, weight) in enumerate(zip(tensors, weights, strict=True)):
-        delta = task_vector(tensor, base, scratch)
-        if sparsify is not None:
-            delta = sparsify(delta, index, scratch)
-        if weight != 1:
-            delta.mul_(weight)
-        deltas.append(delta)
-        del delta
-    if consensus is None:
-        merged = sum_merge_(deltas, weights, normalize)
-    else:
-        merged = disjoint_merge_(deltas, weights, normalize, consensus, scratch)
-    if lambda_ != 1:
-        merged.mul_(lambda_)
-    return merged.add_(_as_float32(base, scratch))
+    blocks = Blocks.reused(base.numel(), base.device)
+    vectors = [TaskVector(tensor, base, blocks) for tensor in tensors]
+    prunes = [None if sparsify is None else sparsify(vector, i) for i, vector in enumerate(vectors)]
+    merged = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    output, flat_base = merged.view(-1), base.reshape(-1)
+    base_buffer, scratch, divisor, *buffers = blocks.floats(len(tensors) + 2)
+    for start, stop in _spans(merged.numel(), merged.device):
+        size = stop - start
+        base32 = _as_float32(flat_base[start:stop], base_buffer[:size])
+        deltas = []
+        for vector, prune, weight, out in zip(
+            vectors, prunes, weights, [output[start:stop]] + buffers, strict=True
+        ):
+            delta = vector.block(start, stop, out[:size], base32)
+            if prune is not None:
+                delta = prune(delta, start, scratch[:size])
+            if weight != 1:
+                delta.mul_(weight)
+            deltas.append(delta)
+        if consensus is None:
+            block = sum_merge_(deltas, weights, normalize)
+        else:
+            block = disjoint_merge_(
+                deltas, weights, normalize, consensus, scratch[:size], divisor[:size]
+            )
+        if lambda_ != 1:
+            block.mul_(lambda_)
+        block.add_(base32)
+    return merged
 
 
 # --- the methods -------------------------------------------------------------------------------
@@ -560,8 +1034,8 @@ def ties(
     weights = per_model(weight, len(tensors), "weight")
     densities = per_model(density, len(tensors), "density")
 
-    def sparsify(delta: Tensor, index: int, scratch: Tensor) -> Tensor:
-        return magnitude_prune_(delta, densities[index], rescale, scratch)
+    def sparsify(vector: TaskVector, index: int) -> Prune | None:
+        return magnitude_pruning(vector, densities[index], rescale)
 
     return generalized_task_arithmetic(
         tensors, base, weights, sparsify, consensus, normalize, lambda_
@@ -583,8 +1057,8 @@ def _dare(
     weights = per_model(weight, len(tensors), "weight")
     densities = per_model(density, len(tensors), "density")
 
-    def sparsify(delta: Tensor, index: int, scratch: Tensor) -> Tensor:
-        return dare_drop_(delta, densities[index], rescale, rescale_mode, generator, scratch)
+    def sparsify(vector: TaskVector, index: int) -> Prune | None:
+        return dare_pruning(vector, densities[index], rescale, rescale_mode, generator)
 
     return generalized_task_arithmetic(
         tensors, base, weights, sparsify, consensus, normalize, lambda_
@@ -680,8 +1154,8 @@ def _breadcrumbs(
     densities = per_model(density, len(tensors), "density")
     gammas = per_model(gamma, len(tensors), "gamma")
 
-    def sparsify(delta: Tensor, index: int, scratch: Tensor) -> Tensor:
-        return magnitude_outliers_prune_(delta, densities[index], gammas[index], rescale, scratch)
+    def sparsify(vector: TaskVector, index: int) -> Prune | None:
+        return magnitude_outliers_pruning(vector, densities[index], gammas[index], rescale)
 
     return generalized_task_arithmetic(
         tensors, base, weights, sparsify, consensus, normalize, lambda_
@@ -763,10 +1237,13 @@ def _della(
     densities = per_model(density, len(tensors), "density")
     epsilons = per_model(epsilon, len(tensors), "epsilon")
 
-    def sparsify(delta: Tensor, index: int, scratch: Tensor) -> Tensor:
-        return della_drop_(
-            delta, densities[index], epsilons[index], rescale, rescale_mode, generator, scratch
+    def sparsify(vector: TaskVector, index: int) -> Prune | None:
+        if densities[index] >= 1:
+            return None
+        pruned = della_drop_(
+            vector.whole(), densities[index], epsilons[index], rescale, rescale_mode, generator
         )
+        return _precomputed(pruned)
 
     return generalized_task_arithmetic(
         tensors, base, weights, sparsify, consensus, normalize, lambda_
