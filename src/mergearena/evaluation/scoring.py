@@ -93,7 +93,7 @@ def _takes_logits_to_keep(model_class: type) -> bool:
 
 
 @functools.cache
-def _cache_keyword(model_class: type) -> str:
+def cache_keyword(model_class: type) -> str:
     """The name ``forward`` takes the KV cache by: ``cache`` from transformers 5.24 on (which
     warns on every call given ``past_key_values``), ``past_key_values`` before."""
     parameters = inspect.signature(model_class.forward).parameters
@@ -376,7 +376,7 @@ def _choice_pass(
         attention_mask=torch.cat([prompt_mask[owner], fed_mask], dim=1),
         position_ids=positions,
         use_cache=True,
-        **{_cache_keyword(type(model)): cache},
+        **{cache_keyword(type(model)): cache},
     )
     return _row_sums(out.logits, targets, fed_mask.bool())
 

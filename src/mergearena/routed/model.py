@@ -17,8 +17,6 @@ hands row r the prompt ``owner[r]`` of its batch; its fallback selects rows with
 
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from mergearena.errors import CheckpointError, EvaluationError
+from mergearena.evaluation import scoring
 from mergearena.routed.manifest import ArrowRouter, Manifest, read_manifest
 
 
@@ -55,17 +54,6 @@ class RoutedCache(DynamicCache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self.routed_experts = self.routed_experts[indices.to(self.routed_experts.device)]
-
-
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    """The name the base model's ``forward`` takes the KV cache by (``cache`` from transformers
-    5.24 on, ``past_key_values`` before)."""
-    return (
-        "cache"
-        if "cache" in inspect.signature(model_class.forward).parameters
-        else "past_key_values"
-    )
 
 
 class RoutedModel(torch.nn.Module):
@@ -123,7 +111,7 @@ class RoutedModel(torch.nn.Module):
                     cache.routed_experts = experts
             kwargs["adapter_names"] = self._adapter_names(experts)
         if cache is not None:
-            kwargs[_cache_keyword(type(self.peft_model.get_base_model()))] = cache
+            kwargs[scoring.cache_keyword(type(self.peft_model.get_base_model()))] = cache
         return self.peft_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
