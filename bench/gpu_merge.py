@@ -136,8 +136,9 @@ def method_timing(methods: list[str], density: float, shape: tuple[int, int]) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=["llama3-8b", "params"], default="llama3-8b")
-    parser.add_argument("--params", type=float, help="another size (TinyLlama proportions)")
+    parser.add_argument(
+        "--params", type=float, help="another size (TinyLlama proportions; default: Llama-3-8B)"
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("/dev/shm/mergearena-gpu-bench"))
     parser.add_argument("--methods", default="linear,ties,dare_ties")
     parser.add_argument("--tools", default="mergekit,mergekit-fast,mergearena")
