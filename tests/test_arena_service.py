@@ -571,6 +571,39 @@ def test_an_archive_that_would_escape_is_refused_at_upload(arena, monkeypatch) -
         assert session.scalars(select(Submission)).all() == []
 
 
+def test_a_live_server_answers_only_after_the_change_is_committed(arena, tmp_path: Path) -> None:
+    """A client told "queued" reads its submission back at once, however slow the commit is."""
+    import time
+
+    import httpx
+
+    client, sessions = arena
+    headers = _team(client, "slow team")
+
+    def slow_sessions():
+        session = sessions()
+        commit = session.commit
+
+        def slow_commit() -> None:
+            time.sleep(0.3)
+            commit()
+
+        session.commit = slow_commit
+        return session
+
+    served = create_app(ArenaSettings(slow_sessions, tmp_path, "organizer-secret"))
+    with serve_in_thread(served) as url:
+        sent = httpx.post(
+            f"{url}/api/submissions",
+            data={"name": "mine"},
+            files={"file": ("recipe.yaml", RECIPE)},
+            headers=headers,
+        )
+        assert sent.status_code == 201, sent.text
+        with sessions() as session:
+            assert session.scalars(select(Submission.name)).all() == ["mine"]
+
+
 def test_submit_and_leaderboard_commands_talk_to_a_live_server(arena, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -58,13 +58,15 @@ def _status(error: MergeArenaError) -> int:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request, committed when the handler succeeds."""
+    """One session per request, committed when the handler succeeds and before the response is
+    sent (scope "function"): a client told "queued" can read its submission back at once, and a
+    failed commit is an error response, never a success for a change that was lost."""
     with request.app.state.settings.sessions() as session:
         yield session
         session.commit()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 class CompetitionIn(service.CompetitionSpec):
