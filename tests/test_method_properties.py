@@ -19,6 +19,7 @@ from conftest import typical_value
 
 from mergearena.methods import LoraFactors, MethodSpec, all_methods
 from mergearena.methods.registry import REQUIRED
+from mergearena.methods.task_arithmetic import _CHUNK
 
 TENSOR_METHODS = [spec for spec in all_methods() if spec.output == "tensor"]
 ADAPTER_METHODS = [spec for spec in all_methods() if spec.output == "adapter"]
@@ -209,3 +210,21 @@ def test_random_adapters_merge_to_finite_factors(spec, count, device):
     merged = spec.function(factors, **arguments(spec, count, device))
     assert torch.isfinite(merged.up).all() and torch.isfinite(merged.down).all()
     assert merged.delta().shape == SHAPE
+
+
+@pytest.mark.parametrize("numel", [SHAPE[0] * SHAPE[1], 3 * _CHUNK // 2 + 7])
+@pytest.mark.parametrize(("spec", "with_base", "count", "device", "sparse"), list(cases()))
+def test_inputs_are_left_unchanged(spec, with_base, count, device, sparse, numel):
+    """A search merges the same cached inputs many times (``engine.TensorCache``): no method may
+    write into its inputs or its base, on small tensors or on ones merged a block at a time."""
+    generator = torch.Generator().manual_seed(30)
+    base = torch.randn(numel, generator=generator).to(device)
+    models = [
+        (base + 0.02 * torch.randn(numel, generator=generator).to(device)).to(dtype)
+        for dtype in [torch.float32, torch.bfloat16] * count
+    ][:count]
+    models[-1] = base.clone()  # a zero task vector among them
+    before = [tensor.clone() for tensor in [base, *models]]
+    call(spec, models, base if with_base else None, device, sparse)
+    for tensor, kept in zip([base, *models], before, strict=True):
+        assert torch.equal(tensor, kept), f"{spec.name} wrote into an input"

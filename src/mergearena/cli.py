@@ -567,6 +567,118 @@ def route(
 
 
 @app.command()
+def search(
+    space: Annotated[
+        Path,
+        typer.Argument(
+            help="A recipe in which values are searched: {search: [LOW, HIGH]} (log: true, "
+            "step: S) or {choice: [A, B]}, for merge_method, parameters (gradients too) and a "
+            "model's include."
+        ),
+    ],
+    tasks: Annotated[
+        list[str],
+        typer.Option(
+            "--tasks",
+            "-t",
+            help="Zoo tasks (their validation split) or validation CSV files: --tasks a b c.",
+        ),
+    ],
+    out: OutOption,
+    trials: Annotated[int, typer.Option(help="Trials in the study (a resumed one included).")] = 30,
+    sampler: Annotated[str, typer.Option(help="tpe, cmaes, nsga2 or gp (needs scipy).")] = "tpe",
+    objective: Annotated[
+        str, typer.Option(help="The one objective: average, or a task's name.")
+    ] = "average",
+    objectives: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Several objectives (a Pareto front): task names, average, size (parameters, "
+            "minimised): --objectives sentiment spam size."
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Validation rows per task a trial scores.")] = 50,
+    holdout: Annotated[
+        float,
+        typer.Option(
+            help="Fraction of each task's rows kept out of the objective; the best trials are "
+            "scored on them at the end (the public-to-final drop)."
+        ),
+    ] = 0.0,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Study database URL (default: SQLite in OUT); postgresql+psycopg://..."),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option(help="Study name in the storage (default: SPACE's file name).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the study in OUT (or --storage).")] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Join a Ray cluster (`ray start --head` prints it); default: local Ray."),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Trials at once; 1 runs here, without Ray.")] = 1,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "auto",
+    batch_size: BatchSizeOption = "auto",
+    seed: Annotated[int, typer.Option(help="The sampler's seed.")] = 0,
+    prune: Annotated[
+        bool, typer.Option(help="Stop trials whose first tasks score below the median.")
+    ] = True,
+    quiet: QuietOption = False,
+) -> None:
+    """Search a recipe's values with Optuna: trials merged in memory, scored on validation rows;
+    writes best.yaml (a recipe `mergearena merge` runs), trials.csv and plots to OUT."""
+    from mergearena.search import SearchSettings, run_search
+
+    try:
+        if batch_size != "auto" and not batch_size.isdigit():
+            raise MergeArenaError(f"--batch-size {batch_size!r}: use a positive integer or auto")
+        settings = SearchSettings(
+            space=space,
+            tasks=list(tasks),
+            out=out,
+            trials=trials,
+            sampler=sampler,
+            objectives=list(objectives) if objectives else [objective],
+            limit=limit,
+            holdout=holdout,
+            storage=storage,
+            study_name=study,
+            resume=resume,
+            ray_address=ray_address,
+            workers=workers,
+            device=device,
+            dtype=dtype,
+            batch_size=int(batch_size) if batch_size.isdigit() else "auto",
+            seed=seed,
+            prune=prune,
+        )
+        report = run_search(settings, progress=not quiet, log=console.print)
+    except MergeArenaError as error:
+        raise _fail(error) from None
+    complete = [t for t in report.study.trials if t.state.name == "COMPLETE"]
+    ranked = sorted(complete, key=lambda t: -t.user_attrs.get("average", 0.0))[:10]
+    table = Table(title=f"{len(report.study.trials)} trials in {out} (best averages)")
+    for column in ("trial", *settings.objectives, "average", "seconds"):
+        table.add_column(column, justify="right")
+    for trial in ranked:
+        values = [f"{v:.4f}" for v in trial.values]
+        average = f"{trial.user_attrs.get('average', 0.0):.4f}"
+        table.add_row(str(trial.number), *values, average, str(trial.user_attrs.get("seconds")))
+    _print_wide(table)
+    for row in report.holdout:
+        console.print(
+            f"trial {row['trial']}: search rows {row['search_average']:.4f}, holdout rows "
+            f"{row['holdout_average']:.4f} ({row['holdout_average'] - row['search_average']:+.4f})"
+        )
+    if report.best is not None:
+        console.print(f"[green]wrote[/] {report.best} (run it: mergearena merge {report.best})")
+    if report.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
 def demo(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Where merges and leaderboard.json go.")
@@ -1028,7 +1140,10 @@ def leaderboard(
 def main() -> None:
     import sys
 
-    app(args=_spread_list_options(sys.argv[1:]), prog_name="mergearena")
+    app(
+        args=_spread_list_options(sys.argv[1:], ("--tasks", "-t", "--objectives")),
+        prog_name="mergearena",
+    )
 
 
 if __name__ == "__main__":

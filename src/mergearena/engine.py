@@ -766,6 +766,71 @@ def merge(
     return MergeResult(out, count, nbytes, time.perf_counter() - started)
 
 
+class TensorCache:
+    """Inputs kept in memory from one merge to the next, for ``merge_to_state_dict`` (a search
+    merges the same models with other settings many times): each source's tensor as the merge
+    reads it (an adapter's delta added to its base, converted to the compute dtype, on the
+    device), until ``budget`` bytes are held; later tensors are read each time. Every method
+    leaves its inputs unchanged (the registry's property test checks), so they can be shared."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held = 0
+        self._tensors: dict[tuple, torch.Tensor] = {}
+
+    def read(self, executor: _Executor, task: TensorTask) -> tuple[torch.Tensor | None, list]:
+        tensors = []
+        for source in executor.sources(task):
+            key = (
+                source.ref,
+                str(source.checkpoint.path),
+                task.name,
+                task.merge,
+                executor.compute_dtype,
+                executor.device,
+            )
+            tensor = self._tensors.get(key)
+            if tensor is None:
+                tensor = source.read(task.name, {})
+                if task.merge:
+                    tensor = executor.to_compute(tensor).to(executor.device)
+                nbytes = tensor.numel() * tensor.element_size()
+                if self.held + nbytes <= self.budget:
+                    self._tensors[key] = tensor
+                    self.held += nbytes
+            tensors.append(tensor)
+        return executor.arrange(task, tensors)
+
+
+def merge_to_state_dict(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    *,
+    device: str = "cpu",
+    cache: TensorCache | None = None,
+    resolve: Resolver | None = None,
+) -> dict[str, torch.Tensor]:
+    """Merge as :func:`merge` does, tensor for tensor, but return the weights instead of writing
+    them (a search's candidates never touch the disk). Full-weight methods only."""
+    parsed = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
+    plan, opener = plan_merge(parsed, resolve=resolve)
+    try:
+        if plan.method.output == "adapter":
+            raise RecipeError(
+                f"{plan.method.name} writes a LoRA adapter; merging in memory needs a full-weight "
+                f"method"
+            )
+        executor = _Executor(plan, torch.device(device))
+        weights = {}
+        for task in plan.tasks:
+            base, inputs = (cache or TensorCache(0)).read(executor, task)
+            result, finite = executor.compute(task, base, inputs)
+            executor.check_output(task, finite, result)
+            weights[task.name] = result
+        return weights
+    finally:
+        opener.close()
+
+
 class _progress:
     """A rich progress bar with tensors/s and bytes/s, or nothing."""
 

@@ -50,3 +50,7 @@ class NotFoundError(ArenaError):
 
 class LimitError(SubmissionError):
     """A team is over its daily submission limit; the message says when the next slot opens."""
+
+
+class SearchError(MergeArenaError):
+    """A search cannot start or go on as asked (its storage, its Ray cluster, its tasks)."""

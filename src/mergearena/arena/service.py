@@ -11,7 +11,6 @@ import datetime as dt
 import hashlib
 import io
 import json
-import os
 import secrets
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from mergearena.arena.db import (
     Team,
     utcnow,
 )
+from mergearena.checkpoints.writer import write_atomic
 from mergearena.errors import (
     ArenaError,
     AuthError,
@@ -59,10 +59,7 @@ def store_blob(data_dir: Path, data: bytes) -> str:
     sha256 = hashlib.sha256(data).hexdigest()
     path = blob_path(data_dir, sha256)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
-            handle.write(data)
-        os.replace(handle.name, path)
+        write_atomic(path, data)
     return sha256
 
 

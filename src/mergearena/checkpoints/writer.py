@@ -255,6 +255,19 @@ class StreamingShardWriter:
             self.abort()
 
 
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling of ``path``, then rename it into place: a reader
+    (or a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to fill; rename it to ``out`` only on success.

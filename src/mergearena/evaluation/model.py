@@ -167,17 +167,24 @@ class LanguageModel:
 
         directory = resolve_model_ref(str(base))
         model = _model_from_config(directory, parse_dtype(dtype, device))
+        lm = cls(model.to(parse_device(device)), _load_tokenizer(directory), name=name)
+        lm.load_weights(state_dict, source=str(directory))
+        return lm
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], *, source: str = "") -> None:
+        """Replace every weight in place with ``state_dict``'s (converted to the model's dtype and
+        device): a search scores one candidate after another in the same model."""
+        model = self.model
         result = model.load_state_dict(dict(state_dict), strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         missing = [k for k in result.missing_keys if k not in tied]
         if missing or result.unexpected_keys:
             raise CheckpointError(
-                f"{name}: the state dict does not fit {directory}'s architecture "
+                f"{self.name}: the state dict does not fit {source or 'the model'}'s architecture "
                 f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
             )
         if hasattr(model, "tie_weights"):
             model.tie_weights()
-        return cls(model.to(parse_device(device)), _load_tokenizer(directory), name=name)
 
 
 def _auto_class(config: Any) -> Any:

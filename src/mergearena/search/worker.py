@@ -1,0 +1,97 @@
+"""One search worker: merges candidates in memory and scores them a task at a time.
+
+A worker keeps, from one trial to the next, the loaded model (each candidate's weights are copied
+into it), the tasks, and the inputs every merge reads (``engine.TensorCache``: the base and each
+expert's weights with its delta applied). The study asks it to ``merge`` a recipe and then to
+``score`` one task after another, so a bad candidate can be pruned after its first tasks. The
+same class runs in the searching process (``--workers 1``) or as a Ray actor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mergearena.errors import MergeArenaError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task a worker loads: a CSV path, its name, and which of its rows to score."""
+
+    path: str
+    name: str
+    limit: int | None = None  # rows from the start (after the holdout is taken out)
+    holdout: float = 0.0  # the fraction of rows kept out of the objective, taken from the end
+    part: str = "search"  # "search": rows before the holdout; "holdout": the rows kept out
+
+
+def load_rows(spec: TaskSpec) -> Any:
+    """The task with only the rows ``spec`` names; the split is the same in every process."""
+    from mergearena.evaluation import load_task
+
+    task = load_task(spec.path)
+    task.name = spec.name
+    rows = task.examples
+    kept = len(rows) - round(len(rows) * spec.holdout)
+    rows = rows[:kept] if spec.part == "search" else rows[kept:]
+    if spec.limit:
+        rows = rows[: spec.limit]
+    if not rows:
+        raise MergeArenaError(
+            f"task {spec.name} ({spec.path}) has no {spec.part} rows left "
+            f"(holdout {spec.holdout}, limit {spec.limit}); use fewer holdout rows or more data"
+        )
+    task.examples = rows
+    return task
+
+
+class TrialWorker:
+    """Merges and scores candidates for one study; see the module docstring."""
+
+    def __init__(
+        self,
+        base: str,
+        tasks: list[TaskSpec],
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        batch_size: int | str = "auto",
+        threads: int | None = None,
+        cache_bytes: int = 0,
+    ) -> None:
+        from mergearena.engine import TensorCache
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.base, self.device, self.dtype, self.batch_size = base, device, dtype, batch_size
+        self.tasks = [load_rows(spec) for spec in tasks]
+        self.cache = TensorCache(cache_bytes)
+        self.lm: Any = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def merge(self, document: dict[str, Any]) -> int:
+        """Merge ``document`` into the worker's model; returns the merged parameter count."""
+        from mergearena.engine import merge_to_state_dict
+        from mergearena.evaluation import LanguageModel
+
+        weights = merge_to_state_dict(document, device=self.device, cache=self.cache)
+        if self.lm is None:
+            self.lm = LanguageModel.from_state_dict(
+                self.base, weights, device=self.device, dtype=self.dtype, name="candidate"
+            )
+        else:
+            self.lm.load_weights(weights, source=self.base)
+        return sum(t.numel() for t in weights.values() if t.is_floating_point())
+
+    def score(self, index: int) -> float:
+        """Task ``index``'s main metric for the model last merged."""
+        from mergearena.evaluation import evaluate_task
+
+        result = evaluate_task(self.lm, self.tasks[index], batch_size=self.batch_size)
+        return float(result.main_value or 0.0)
