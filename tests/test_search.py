@@ -327,11 +327,13 @@ def test_ctrl_c_leaves_a_study_that_resumes(zoo_ready, tmp_path):
 @pytest.mark.zoo
 @pytest.mark.slow
 def test_several_objectives_write_the_pareto_front_as_recipes(zoo_ready, tmp_path):
-    settings = settings_for(tmp_path, objectives=["sentiment", "spam"], sampler="nsga2")
+    settings = settings_for(tmp_path, objectives=["sentiment", "size"], sampler="nsga2")
     report = run_search(settings, log=lambda _: None)
     front = sorted((settings.out / "pareto").glob("*.yaml"))
     assert front and len(front) == len(report.study.best_trials)
     assert (settings.out / "pareto.png").is_file()
+    sizes = [t.values[1] for t in report.study.trials if t.state.name == "COMPLETE"]
+    assert all(size > 0 for size in sizes)  # every candidate moved away from the base
 
 
 @pytest.mark.zoo

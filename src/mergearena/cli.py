@@ -593,8 +593,8 @@ def search(
     objectives: Annotated[
         list[str] | None,
         typer.Option(
-            help="Several objectives (a Pareto front): task names, average, size (parameters, "
-            "minimised): --objectives sentiment spam size."
+            help="Several objectives (a Pareto front): task names, average, size (the L1 norm "
+            "of the merge's difference from base_model, minimised): --objectives average size."
         ),
     ] = None,
     limit: Annotated[int, typer.Option(help="Validation rows per task a trial scores.")] = 50,

@@ -33,7 +33,7 @@ from mergearena.search.space import SearchSpace, parse_space
 from mergearena.search.worker import TaskSpec, TrialWorker
 
 SAMPLERS = ("tpe", "cmaes", "nsga2", "gp")
-SIZE = "size"  # the objective "merged parameters", minimised
+SIZE = "size"  # the L1 norm of the merged model's difference from base_model, minimised
 AVERAGE = "average"
 HOLDOUT_TRIALS = 5  # the best trials rescored on the holdout rows
 
@@ -61,6 +61,7 @@ class SearchSettings:
     seed: int = 0
     prune: bool = True
     cache_gb: float | None = None
+    use_ray: bool | None = None  # None: Ray when workers > 1 or ray_address is given
 
 
 @dataclass
@@ -319,7 +320,7 @@ class _Running:
     started: float
     step: int = -1  # -1: merging; then the index of the task being scored
     scores: dict[str, float] = field(default_factory=dict)
-    size: int = 0
+    size: float | None = None
 
 
 class _Search:
@@ -370,6 +371,13 @@ class _Search:
 
         plan, opener = plan_merge(parse_recipe(self.space.probe(self.space.methods[0], 0)))
         try:
+            base = self.space.document.get("base_model")
+            if SIZE in self.settings.objectives and not base:
+                raise SearchError(
+                    f"--objectives {SIZE}: the size of a merge is its difference from base_model; "
+                    f"the space names no base_model"
+                )
+            self.origin = str(opener.resolve(base)) if base else None
             return str(plan.reference.support_dir)
         finally:
             opener.close()
@@ -410,6 +418,7 @@ class _Search:
             "dtype": s.dtype,
             "batch_size": s.batch_size,
             "cache_bytes": int(cache),
+            "delta_from": self.origin if SIZE in s.objectives else None,
         }
 
     def finished(self) -> int:
@@ -441,7 +450,8 @@ class _Search:
                 self.log(f"marked {stale} trial(s) left running by an earlier process as failed")
         to_run = max(0, s.trials - self.finished())
         pool: Any
-        if s.workers == 1 and not s.ray_address:
+        use_ray = s.use_ray if s.use_ray is not None else s.workers > 1 or bool(s.ray_address)
+        if not use_ray:
             pool = _Local(lambda: TrialWorker(**self.worker_arguments()), 1)
         else:
             pool = _Ray(s, self.worker_arguments())
@@ -469,7 +479,7 @@ class _Search:
 
         try:
             with _progress_bar(progress, to_run) as advance:
-                for slot in range(s.workers):
+                for slot in range(s.workers if use_ray else 1):
                     launch(slot)
                 while running:
                     slot, outcome, error = pool.next()
@@ -522,7 +532,7 @@ class _Search:
                 raise error
             return True
         if state.step == -1:
-            state.size = int(outcome)
+            state.size = outcome
         else:
             state.scores[self.task_names[state.step]] = float(outcome)
             if len(self.directions) == 1 and state.step < len(self.task_names) - 1:
@@ -544,7 +554,8 @@ class _Search:
 
         if state is not None:
             trial.set_user_attr("scores", state.scores)
-            trial.set_user_attr("size", state.size)
+            if state.size is not None:
+                trial.set_user_attr("size", state.size)
             trial.set_user_attr("seconds", round(time.perf_counter() - state.started, 2))
             if state.scores:
                 trial.set_user_attr("average", statistics.fmean(state.scores.values()))

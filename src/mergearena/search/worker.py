@@ -62,6 +62,7 @@ class TrialWorker:
         batch_size: int | str = "auto",
         threads: int | None = None,
         cache_bytes: int = 0,
+        delta_from: str | None = None,
     ) -> None:
         from mergearena.engine import TensorCache
 
@@ -71,12 +72,15 @@ class TrialWorker:
         self.tasks = [load_rows(spec) for spec in tasks]
         self.cache = TensorCache(cache_bytes)
         self.lm: Any = None
+        self.delta_from = delta_from
+        self._origin: dict[str, torch.Tensor] | None = None
 
     def pid(self) -> int:
         return os.getpid()
 
-    def merge(self, document: dict[str, Any]) -> int:
-        """Merge ``document`` into the worker's model; returns the merged parameter count."""
+    def merge(self, document: dict[str, Any]) -> float | None:
+        """Merge ``document`` into the worker's model; returns the L1 norm of its difference from
+        ``delta_from`` (the 3rd place's "size of the merged delta"), or None without one."""
         from mergearena.engine import merge_to_state_dict
         from mergearena.evaluation import LanguageModel
 
@@ -87,7 +91,21 @@ class TrialWorker:
             )
         else:
             self.lm.load_weights(weights, source=self.base)
-        return sum(t.numel() for t in weights.values() if t.is_floating_point())
+        return self._delta_l1(weights) if self.delta_from else None
+
+    def _delta_l1(self, weights: dict[str, torch.Tensor]) -> float:
+        from mergearena.engine import iter_output_tensors
+
+        if self._origin is None:
+            self._origin = {
+                name: tensor.to(self.device)
+                for name, tensor in iter_output_tensors(self.delta_from)
+                if tensor.is_floating_point()
+            }
+        total = 0.0
+        for name, origin in self._origin.items():
+            total += float((weights[name].float() - origin.float()).abs().sum())
+        return total
 
     def score(self, index: int) -> float:
         """Task ``index``'s main metric for the model last merged."""
