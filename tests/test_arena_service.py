@@ -16,7 +16,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import MetaData, Table, create_engine, select, text
 
 from mergearena.arena import queue, service, worker
-from mergearena.arena.db import Submission, Team, make_engine, migrate, open_database, utcnow
+from mergearena.arena.db import (
+    VERSION_TABLE,
+    Submission,
+    Team,
+    make_engine,
+    migrate,
+    open_database,
+    utcnow,
+)
 from mergearena.arena.runner import load_job
 from mergearena.arena.web import ArenaSettings, create_app
 
@@ -110,9 +118,37 @@ def test_schema_is_migrated_and_sqlite_uses_wal(database_url: str) -> None:
     sessions = open_database(database_url)
     open_database(database_url)  # a second open finds the schema current
     with sessions() as session:
-        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == "0002"
         if database_url.startswith("sqlite"):
             assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_a_database_versioned_in_alembics_default_table_is_adopted(database_url: str) -> None:
+    """Arena databases made before the arena named its own version table keep their revision."""
+    engine = make_engine(database_url)
+    migrate(engine, "0001")
+    with engine.begin() as connection:
+        connection.execute(text(f"ALTER TABLE {VERSION_TABLE} RENAME TO alembic_version"))
+    engine.dispose()
+    sessions = open_database(database_url)  # upgrades from 0001, not from an empty schema
+    with sessions() as session:
+        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == "0002"
+        assert session.execute(text("SELECT count(*) FROM competitions")).scalar() == 0
+
+
+def test_a_search_study_lives_in_the_arena_database(database_url: str) -> None:
+    """`mergearena search --storage URL` with the arena's database: Optuna keeps its own schema
+    version beside the arena's, and both open again."""
+    import optuna
+
+    open_database(database_url)
+    study = optuna.create_study(study_name="s", storage=database_url)
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    sessions = open_database(database_url)
+    again = optuna.load_study(study_name="s", storage=database_url)
+    assert len(again.trials) == 2
+    with sessions() as session:
+        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == "0002"
 
 
 def test_a_database_of_the_first_schema_is_upgraded_keeping_its_competitions(
@@ -140,7 +176,7 @@ def test_a_database_of_the_first_schema_is_upgraded_keeping_its_competitions(
     engine.dispose()
     sessions = open_database(database_url)
     with sessions() as session:
-        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == "0002"
         old = service.get_competition(session, "old")
         # each task's own few-shot examples and CoT settings, as before the upgrade
         assert (old.mc_rule, old.fewshot, old.cot) == ("letter", None, None)

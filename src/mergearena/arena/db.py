@@ -171,6 +171,28 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+# The arena records its schema revision in a table of its own, not Alembic's default
+# ``alembic_version``: other tools keep theirs there (Optuna's studies of `mergearena search
+# --storage` live in the arena's database beside it).
+VERSION_TABLE = "mergearena_alembic_version"
+
+
+def _adopt_default_version_table(connection: Any) -> None:
+    """A database migrated before ``VERSION_TABLE`` kept the arena's revision in
+    ``alembic_version``: move it, so the arena's migrations find it and the table is free."""
+    from sqlalchemy import inspect, text
+
+    tables = set(inspect(connection).get_table_names())
+    if "alembic_version" not in tables or VERSION_TABLE in tables or "competitions" not in tables:
+        return
+    revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    connection.execute(
+        text(f"CREATE TABLE {VERSION_TABLE} (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+    )
+    connection.execute(text(f"INSERT INTO {VERSION_TABLE} VALUES (:r)"), {"r": revision})
+    connection.execute(text("DROP TABLE alembic_version"))
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to an Alembic revision, the newest by default (creates it in an empty
     database)."""
@@ -180,6 +202,7 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
     with engine.begin() as connection:
+        _adopt_default_version_table(connection)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
