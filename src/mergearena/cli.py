@@ -660,12 +660,13 @@ def search(
     complete = [t for t in report.study.trials if t.state.name == "COMPLETE"]
     ranked = sorted(complete, key=lambda t: -t.user_attrs.get("average", 0.0))[:10]
     table = Table(title=f"{len(report.study.trials)} trials in {out} (best averages)")
-    for column in ("trial", *settings.objectives, "average", "seconds"):
+    extra = ["average"] if "average" not in settings.objectives else []
+    for column in ("trial", *settings.objectives, *extra, "seconds"):
         table.add_column(column, justify="right")
     for trial in ranked:
-        values = [f"{v:.4f}" for v in trial.values]
-        average = f"{trial.user_attrs.get('average', 0.0):.4f}"
-        table.add_row(str(trial.number), *values, average, str(trial.user_attrs.get("seconds")))
+        values = [f"{v:.4g}" for v in trial.values]
+        average = [f"{trial.user_attrs.get('average', 0.0):.4f}"] if extra else []
+        table.add_row(str(trial.number), *values, *average, str(trial.user_attrs.get("seconds")))
     _print_wide(table)
     for row in report.holdout:
         console.print(

@@ -19,6 +19,7 @@ import io
 import math
 import os
 import statistics
+import textwrap
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -614,7 +615,8 @@ class _Search:
             + ".",
         ]
         recipe = parse_recipe(trial.user_attrs["recipe"])
-        return "".join(f"# {line}\n" for line in header) + recipe.to_yaml()
+        lines = [part for line in header for part in textwrap.wrap(line, 97)]
+        return "".join(f"# {line}\n" for line in lines) + recipe.to_yaml()
 
     def write_outputs(self) -> Path | None:
         out = self.settings.out
