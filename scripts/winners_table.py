@@ -7,7 +7,8 @@ references. The test split is read here, once, for this table; everything was tu
 validation. Writes ``OUT/winners.json`` and prints the markdown table.
 
     python scripts/winners_table.py --out /tmp/winners --limit 50
-    python scripts/winners_table.py --out /tmp/winners --limit 50 --only dare-ties-cot base
+    python scripts/winners_table.py --out /tmp/winners --limit 50 --only dare-ties-fewshot-cot base
+    python scripts/winners_table.py --out /tmp/winners --table /tmp/winners/winners.json
 """
 
 from __future__ import annotations
@@ -112,12 +113,17 @@ def parameters(lm) -> int:  # noqa: ANN001
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("winners"))
     parser.add_argument("--limit", type=int, default=50, help="test rows per task (0: all)")
     parser.add_argument("--only", nargs="*", help="approach names (default: all)")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--table", type=Path, help="only print the table of a winners.json")
     args = parser.parse_args()
+    if args.table:
+        print_table(args.table)
+        return
 
+    from mergearena.checkpoints.writer import write_atomic
     from mergearena.evaluation import LanguageModel, evaluate_task, load_task
     from mergearena.routed.manifest import count_parameters
     from mergearena.zoo.prepare import prepare, task_files, tasks_dir
@@ -152,20 +158,28 @@ def main() -> None:
                 "parameters": size,
             }
             rows.append(row)
+            document = {
+                "split": "test",
+                "limit": args.limit,
+                "dtype": args.dtype,
+                "tasks": {t.name: len(t.examples) for t in tasks},
+                "rows": rows,
+            }  # written after every row: an interrupted run keeps what it scored
+            text = json.dumps(document, indent=2, default=str) + "\n"
+            write_atomic(args.out / "winners.json", text.encode())
             print(
                 f"{approach.name}: average {row['average']:.4f} "
                 f"(merge {seconds:.1f} s, scoring {row['eval_seconds']:.0f} s)",
                 flush=True,
             )
             del lm
-    document = {
-        "split": "test",
-        "limit": args.limit,
-        "dtype": args.dtype,
-        "tasks": {t.name: len(t.examples) for t in tasks},
-        "rows": rows,
-    }
-    (args.out / "winners.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
+    print_table(args.out / "winners.json")
+
+
+def print_table(path: Path) -> None:
+    """The markdown table of a ``winners.json``, best average first."""
+    document = json.loads(path.read_text())
+    rows = document["rows"]
     names = list(rows[0]["scores"])
     print(
         "\n| approach | what | "
@@ -180,7 +194,7 @@ def main() -> None:
             f"{row['merge_seconds']} | {row['parameters'] / 1e6:.1f} M |"
         )
     sizes = ", ".join(f"{n} {c}" for n, c in document["tasks"].items())
-    print(f"\ntest split ({sizes}), dtype {args.dtype}")
+    print(f"\ntest split ({sizes}), dtype {document['dtype']}")
 
 
 if __name__ == "__main__":
