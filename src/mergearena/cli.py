@@ -632,8 +632,7 @@ def search(
     from mergearena.search import SearchSettings, run_search
 
     try:
-        if batch_size != "auto" and not batch_size.isdigit():
-            raise MergeArenaError(f"--batch-size {batch_size!r}: use a positive integer or auto")
+        size, _ = _evaluation_options(batch_size, None, limit)
         settings = SearchSettings(
             space=space,
             tasks=list(tasks),
@@ -650,7 +649,7 @@ def search(
             workers=workers,
             device=device,
             dtype=dtype,
-            batch_size=int(batch_size) if batch_size.isdigit() else "auto",
+            batch_size=size,
             seed=seed,
             prune=prune,
         )

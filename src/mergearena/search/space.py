@@ -30,7 +30,7 @@ import yaml
 
 from mergearena.errors import RecipeError
 from mergearena.methods import get_method, method_names
-from mergearena.recipe import Recipe, parse_recipe
+from mergearena.recipe import parse_recipe
 
 RANGE_KEYS = {"search", "log", "step"}
 SEARCHABLE = "merge_method, parameters, and each model's parameters and include"
@@ -374,8 +374,3 @@ def parse_space(source: str | Path, label: str | None = None) -> SearchSpace:
                     f"{label}: with {context}every searched value at its {end}: {message}"
                 ) from None
     return space
-
-
-def to_recipe(document: dict[str, Any]) -> Recipe:
-    """A trial's recipe, checked like any recipe."""
-    return parse_recipe(document)

@@ -30,6 +30,7 @@ from typing import Any
 
 from mergearena.checkpoints.writer import write_atomic
 from mergearena.errors import MergeArenaError, RecipeError, SearchError
+from mergearena.recipe import parse_recipe
 from mergearena.search.space import SearchSpace, parse_space
 from mergearena.search.worker import TaskSpec, TrialWorker
 
@@ -102,7 +103,7 @@ def resolve_tasks(names: list[str]) -> list[tuple[str, Path]]:
                 f"--tasks {name}: neither a zoo task ({', '.join(zoo_tasks.TASK_NAMES)}) nor a "
                 f"CSV file"
             )
-        if path.stem == "test" or "test" in path.resolve().parent.parts[-1:]:
+        if path.stem == "test" or path.resolve().parent.name == "test":
             raise SearchError(
                 f"--tasks {name}: a search never reads a test split (that is what a leaderboard "
                 f"scores at the end); search on validation rows and keep some out with --holdout"
@@ -368,7 +369,6 @@ class _Search:
         """Open every model the space names once (no tensor read): a missing or incompatible
         model fails now; returns the directory whose config and tokenizer the candidates use."""
         from mergearena.engine import plan_merge
-        from mergearena.recipe import parse_recipe
 
         plan, opener = plan_merge(parse_recipe(self.space.probe(self.space.methods[0], 0)))
         try:
@@ -419,7 +419,8 @@ class _Search:
             "dtype": s.dtype,
             "batch_size": s.batch_size,
             "cache_bytes": int(cache),
-            "delta_from": self.origin if SIZE in s.objectives else None,
+            # the holdout rows only score: no objective of theirs needs the merge's size
+            "delta_from": self.origin if SIZE in s.objectives and part == "search" else None,
         }
 
     def finished(self) -> int:
@@ -468,8 +469,6 @@ class _Search:
                 document = self.space.recipe(trial)
                 trial.set_user_attr("recipe", document)
                 try:
-                    from mergearena.recipe import parse_recipe
-
                     parse_recipe(document)
                 except RecipeError as error:  # e.g. too few models left in for the method
                     self._finish(trial, TrialState.FAIL, reason=str(error))
@@ -600,8 +599,6 @@ class _Search:
         return f"best: trial {best[0].number} ({values})"
 
     def recipe_text(self, trial: Any) -> str:
-        from mergearena.recipe import parse_recipe
-
         s = self.settings
         values = ", ".join(f"{n} {v:.4f}" for n, v in zip(s.objectives, trial.values, strict=True))
         header = [
