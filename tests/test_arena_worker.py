@@ -484,3 +484,88 @@ def test_the_worker_command_processes_the_queue(arena, models, tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert f"submission {submission_id} (alpha / recipe.yaml): scored" in result.output
     assert "processed 1 submission(s)" in result.output
+
+
+# ------------------------------------------------------------------------------- routed experts
+
+
+@pytest.fixture()
+def routed(tmp_path: Path, models) -> Path:
+    """``mergearena route``'s directory: the tiny base and both LoRA experts, Arrow's router."""
+    from mergearena.routed.build import build_routed
+
+    out = tmp_path / "routed"
+    experts = [str(models["lora1"]), str(models["lora2"])]
+    build_routed(str(models["base"]), experts, out, router="arrow", top_k=2)
+    return out
+
+
+def _archive(directory: Path, top: str) -> bytes:
+    """``directory`` as a .tar.gz whose members sit under ``top/`` (as `tar czf` makes it)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        archive.add(directory, arcname=top)
+    return buffer.getvalue()
+
+
+@needs_sandbox
+def test_a_routed_model_is_scored_as_it_runs_with_its_base_and_adapters(
+    arena, routed: Path, tmp_path: Path
+) -> None:
+    """No merge: the experts stay beside the base, routed per token, and the arena's scores are
+    the ones `mergearena eval` gives the same directory."""
+    from mergearena.evaluation import LanguageModel, evaluate, load_task
+
+    submit, run, _, _ = arena
+    submit("routed.tar.gz", _archive(routed, "my-routed-model"))
+    done = run()
+    assert done.kind == "routed"
+    assert done.status == "scored", (done.error, done.log)
+    assert "merged with routed (arrow router, 2 experts)" in done.log, done.log
+    (tmp_path / "mc.csv").write_text(MC)
+    (tmp_path / "gen.csv").write_text(GEN)
+    (tmp_path / "gen.yaml").write_text("max_new_tokens: 4\n")
+    lm = LanguageModel.load(routed, dtype="float32")
+    results = evaluate(lm, [load_task(tmp_path / "mc.csv"), load_task(tmp_path / "gen.csv")])
+    assert done.scores == pytest.approx({r.task.name: r.main_value for r in results})
+
+
+@needs_sandbox
+def test_a_routed_model_over_the_parameter_limit_counts_its_adapters(
+    arena, models, routed: Path
+) -> None:
+    from mergearena.arena.runner import count_parameters
+
+    submit, run, sessions, _ = arena
+    with sessions() as session:  # room for the base, not for the base and its experts
+        service.get_competition(session, "tiny").max_parameters = count_parameters(models["base"])
+        session.commit()
+    submit("routed.tar.gz", _archive(routed, "."))
+    done = run()
+    assert done.status == "failed"
+    assert "the routed model runs" in done.error and "its base and its adapters" in done.error
+
+
+def test_a_routed_upload_is_checked_when_submitted(arena, routed: Path) -> None:
+    import json
+
+    from mergearena.errors import SubmissionError
+
+    submit, _, _, _ = arena
+    manifest_path = routed / "routed.json"
+    manifest = json.loads(manifest_path.read_text())
+
+    def upload(changed: dict) -> None:
+        manifest_path.write_text(json.dumps(changed))
+        submit("routed.tgz", _archive(routed, "routed"))
+
+    with pytest.raises(SubmissionError, match="base 'zoo:smollm2-135m' is not allowed"):
+        upload({**manifest, "base": "zoo:smollm2-135m"})
+    escaping = [{**manifest["experts"][0], "adapter": "../elsewhere"}, *manifest["experts"][1:]]
+    with pytest.raises(SubmissionError, match="experts.0.adapter: .* inside the routed model"):
+        upload({**manifest, "experts": escaping})
+    manifest_path.write_text(json.dumps(manifest))
+    adapter = routed / manifest["experts"][0]["adapter"]
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    with pytest.raises(SubmissionError, match="safetensors only"):
+        submit("routed.tgz", _archive(routed, "routed"))

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 PHASE_KINDS = ("validation", "public_test", "final")
-SUBMISSION_KINDS = ("recipe", "code")
+SUBMISSION_KINDS = ("recipe", "code", "routed")
 STATUSES = ("queued", "running", "scored", "failed", "timed_out")
 BOARD_MODES = ("best", "latest")
 

@@ -13,9 +13,11 @@ targets happens outside the sandbox) and the directory to write:
 - ``OUT/model``: the merged model, kept only with ``keep_model`` (it can be large).
 
 A submission is a recipe (YAML); a Python file with ``@merge_method`` functions and a module-level
-``RECIPE`` that uses them; or a starter-kit checkout (see ``llm_merging.submission``). Every model
-it names goes through the job's ``ModelPolicy`` (allowlist, parameter limit) before anything is
-merged. The policy is a guard for honest code; the sandbox must still expose only allowed models.
+``RECIPE`` that uses them; a starter-kit checkout (see ``llm_merging.submission``); or a routed
+model, the directory ``mergearena route`` writes (no code: the base plus LoRA experts and a router,
+kept as they are rather than merged, and scored like any model). Every model it names goes
+through the job's ``ModelPolicy`` (allowlist, parameter limit) before anything is merged. The
+policy is a guard for honest code; the sandbox must still expose only allowed models.
 
 The submission's own inference. A starter-kit method class that overrides
 ``predict_multiple_choice`` or ``generate`` (a method that is not ``Merges``'s own), or a
@@ -85,6 +87,7 @@ from mergearena.recipe import Recipe
 if TYPE_CHECKING:
     from mergearena.arena.inference import Hooks
     from mergearena.evaluation import Task
+    from mergearena.routed.manifest import Manifest
 
 RESULT_FILE = "result.json"
 
@@ -94,8 +97,9 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["recipe", "code"]
-    submission: str  # recipe YAML | a .py file (method API) | a starter-kit directory
+    kind: Literal["recipe", "code", "routed"]
+    # recipe YAML | a .py file (method API) | a starter-kit directory | a routed model's directory
+    submission: str
     tasks: list[str] = Field(min_length=1)  # task input CSVs (a sidecar may sit beside each)
     out: str
     allowed_models: list[str] = Field(default_factory=list)  # model references; empty: any
@@ -357,6 +361,53 @@ def _starter_kit(
     gc.collect()  # the merge's copies of the models go before the evaluation loads the result
 
 
+def open_routed(directory: Path) -> tuple[Path, Manifest]:
+    """The routed-experts model unpacked from an upload (``mergearena route``'s directory, at the
+    top or one folder down) and its manifest, or a ``SubmissionError`` saying what is wrong."""
+    from mergearena.routed.manifest import ArrowRouter, find_routed_dir, read_manifest
+
+    routed = find_routed_dir(directory) if directory.is_dir() else None
+    if routed is None:
+        raise SubmissionError(
+            f"{directory}: no routed.json at the top of the archive or one folder down; a routed "
+            "submission is the directory `mergearena route --out DIR` writes, archived"
+        )
+    try:
+        manifest = read_manifest(routed)
+    except CheckpointError as error:
+        raise SubmissionError(str(error)) from None
+    adapters = [expert.adapter for expert in manifest.experts]
+    if isinstance(manifest.router, ArrowRouter):
+        adapters += manifest.router.general
+    unsafe = [a for a in adapters if not (routed / a / ADAPTER_SAFETENSORS).is_file()]
+    if unsafe:
+        raise SubmissionError(
+            f"{', '.join(unsafe)}: no {ADAPTER_SAFETENSORS}; the arena loads adapters from "
+            "safetensors only (a .bin adapter is a pickle): save them with safe_serialization"
+        )
+    return routed, manifest
+
+
+def _routed(directory: Path, model_dir: Path, spec: JobSpec, policy: ModelPolicy) -> str:
+    """Take a routed submission into ``model_dir``: nothing to merge; its base goes through the
+    policy like any model, and the limit on parameters counts the base and every adapter, as
+    the model runs."""
+    from mergearena.routed.manifest import count_parameters
+
+    routed, manifest = open_routed(directory)
+    policy.resolve(manifest.base)
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(routed, model_dir)
+    total = count_parameters(model_dir)
+    if spec.max_parameters is not None and total > spec.max_parameters:
+        raise SubmissionError(
+            f"the routed model runs {total:,} parameters (its base and its adapters), more than "
+            f"this competition's limit of {spec.max_parameters:,}"
+        )
+    return f"routed ({manifest.router.kind} router, {len(manifest.experts)} experts)"
+
+
 @contextlib.contextmanager
 def _merged(spec: JobSpec, model_dir: Path, policy: ModelPolicy) -> Iterator[Merged]:
     """Merge the submission into ``model_dir`` (complete when the block ends) and yield it."""
@@ -368,6 +419,9 @@ def _merged(spec: JobSpec, model_dir: Path, policy: ModelPolicy) -> Iterator[Mer
         if not path.is_file():
             raise SubmissionError(f"{path}: no such recipe file (a recipe is one YAML file)")
         yield Merged(_merge_recipe(parse_recipe(path), model_dir, spec, policy), Hooks())
+        return
+    if spec.kind == "routed":
+        yield Merged(_routed(path, model_dir, spec, policy), Hooks())
         return
     if path.is_file() and path.suffix == ".py":
         merging = _method_file(path, model_dir, spec, policy)

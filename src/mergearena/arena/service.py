@@ -308,8 +308,9 @@ def submission_kind(file_name: str) -> str:
     if lower.endswith(CODE_SUFFIXES):
         return "code"
     raise SubmissionError(
-        f"{file_name!r}: a submission is a recipe ({', '.join(RECIPE_SUFFIXES)}) or code "
-        f"({', '.join(CODE_SUFFIXES)})"
+        f"{file_name!r}: a submission is a recipe ({', '.join(RECIPE_SUFFIXES)}), code "
+        f"({', '.join(CODE_SUFFIXES)}), or a routed model (the directory `mergearena route` "
+        "writes, as an archive)"
     )
 
 
@@ -342,11 +343,29 @@ def check_recipe(competition: Competition, content: bytes) -> None:
         )
 
 
-def check_code(competition: Competition, file_name: str, content: bytes) -> None:
-    """Refuse code nobody can run safely here, and archives that would not extract safely."""
+def check_code(competition: Competition, file_name: str, content: bytes) -> str:
+    """The kind of an upload that is not a recipe: ``routed`` for an archive holding a routed
+    model (``mergearena route``'s directory: no code runs), else ``code``, refused where nobody
+    can run it safely. Archives that would not extract safely are refused either way."""
+    from mergearena.arena.runner import is_listed, open_routed
     from mergearena.arena.safetar import extract_archive
     from mergearena.arena.sandbox import sandbox_available
+    from mergearena.routed.manifest import find_routed_dir
 
+    if not file_name.lower().endswith(".py"):
+        with tempfile.TemporaryDirectory() as scratch:
+            archive = Path(scratch) / Path(file_name).name
+            archive.write_bytes(content)
+            extracted = Path(scratch) / "extracted"
+            extract_archive(archive, extracted)
+            if find_routed_dir(extracted) is not None:
+                _, manifest = open_routed(extracted)
+                if not is_listed(manifest.base, competition.allowed_models):
+                    raise SubmissionError(
+                        f"the routed model's base {manifest.base!r} is not allowed in this "
+                        f"competition; allowed: {', '.join(competition.allowed_models)}"
+                    )
+                return "routed"
     reason = sandbox_available()
     if reason is not None and not competition.allow_unsandboxed:
         raise SubmissionError(
@@ -358,11 +377,7 @@ def check_code(competition: Competition, file_name: str, content: bytes) -> None
             compile(content, file_name, "exec")
         except (SyntaxError, ValueError) as error:
             raise SubmissionError(f"{file_name}: not valid Python: {error}") from None
-        return
-    with tempfile.TemporaryDirectory() as scratch:
-        archive = Path(scratch) / Path(file_name).name
-        archive.write_bytes(content)
-        extract_archive(archive, Path(scratch) / "extracted")
+    return "code"
 
 
 def next_slot(now: dt.datetime) -> dt.datetime:
@@ -419,7 +434,7 @@ def submit(
     if kind == "recipe":
         check_recipe(competition, content)
     else:
-        check_code(competition, file_name, content)
+        kind = check_code(competition, file_name, content)
     submission = Submission(
         phase=phase,
         team=team,

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergearena.errors import CheckpointError
 
@@ -27,11 +27,23 @@ CENTROIDS = "centroids.safetensors"
 ROUTERS = {"arrow": "per token, PEFT's Arrow", "prompt": "per prompt, nearest centroid"}
 
 
+def _inside(path: str) -> str:
+    """A path relative to the routed model's directory that stays in it: the directory is then
+    everything the model is, beside its base (what an arena submission ships)."""
+    pure = PurePosixPath(path)
+    if not pure.parts or pure.is_absolute() or ".." in pure.parts or "\\" in path or ":" in path:
+        raise ValueError(f"{path!r} must be a path inside the routed model's directory")
+    return path
+
+
+InsidePath = Annotated[str, AfterValidator(_inside)]
+
+
 class Expert(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")  # a PEFT adapter name: no dots
-    adapter: str  # the adapter's directory, relative to the routed model's
+    adapter: InsidePath  # the adapter's directory, relative to the routed model's
     source: str  # the reference it was built from
     rank: int = Field(ge=1)
     # A full fine-tune compressed to ``rank``: the share of its delta's squared Frobenius norm kept.
@@ -49,7 +61,7 @@ class ArrowRouter(BaseModel):
     kind: Literal["arrow"]
     top_k: int = Field(default=3, ge=1)
     temperature: float = Field(default=1.0, gt=0)
-    general: list[str] = []  # GenKnowSub: adapters whose mean is subtracted from every expert
+    general: list[InsidePath] = []  # GenKnowSub: adapters whose mean every expert loses
     rng_seed: int | None = 0  # the prototypes' power iteration starts from a seeded vector
 
 
@@ -62,7 +74,7 @@ class PromptRouter(BaseModel):
     kind: Literal["prompt"]
     calibration_rows: int = Field(ge=1)
     calibration: dict[str, str]  # expert name → the task file its calibration rows came from
-    centroids: str = CENTROIDS
+    centroids: InsidePath = CENTROIDS
 
 
 class Manifest(BaseModel):
@@ -99,6 +111,14 @@ class Manifest(BaseModel):
 def is_routed_dir(path: str | Path) -> bool:
     """True if ``path`` is a routed model's directory (it holds ``routed.json``)."""
     return (Path(path).expanduser() / MANIFEST).is_file()
+
+
+def find_routed_dir(directory: Path) -> Path | None:
+    """The routed model in an unpacked archive: ``directory`` itself or one folder down."""
+    for candidate in [directory, *sorted(p for p in directory.iterdir() if p.is_dir())]:
+        if is_routed_dir(candidate):
+            return candidate
+    return None
 
 
 def read_manifest(directory: str | Path) -> Manifest:

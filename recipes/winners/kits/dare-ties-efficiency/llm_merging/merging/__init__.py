@@ -1,0 +1,1 @@
+from .DareTiesFewShot import DareTiesFewShot as DareTiesFewShot

@@ -1,0 +1,1 @@
+from .SimpleLlamaMerge import SimpleLlamaMerge as SimpleLlamaMerge
