@@ -17,19 +17,46 @@ the same trials in each (the same sampler and seed, pruning off):
 
 ``--workers N`` adds a run with N Ray workers sharing the machine (on a GPU: several trials on
 one GPU) and prints trials per minute.
+
+``--random-init TOKENIZER_DIR`` swaps the zoo's base for seeded random weights of the same shape
+(TOKENIZER_DIR: the zoo base's config.json, tokenizer files and chat template), for a machine the
+zoo's weights cannot reach; the experts and task rows stay the zoo's. Timings then hold as far as
+shapes do: a random model never stops generating early, so ``arithmetic``'s answers run to their
+full 8 tokens.
+
+    python3 bench/search_speed.py --random-init TOKENIZER_DIR --device cuda --workers 4 --ray-only
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACE = REPO_ROOT / "recipes" / "spaces" / "zoo.yaml"
+BASE = "zoo:smollm2-135m"
 TASKS = ["arithmetic", "question_type", "sentiment", "spam", "subject"]
+
+
+def random_base(tokenizer_dir: Path, scratch: Path) -> None:
+    """Point ``BASE`` and ``SPACE`` at seeded random weights of the zoo base's shape."""
+    global BASE, SPACE
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from eval_speed import random_model
+
+    model_dir = scratch / "random-base"
+    random_model(tokenizer_dir, shape=None, dtype="bfloat16", device="cpu", out=model_dir)
+    space = yaml.safe_load(SPACE.read_text())
+    space["base_model"] = str(model_dir)
+    SPACE = scratch / "space.yaml"
+    SPACE.write_text(yaml.safe_dump(space, sort_keys=False))
+    BASE = str(model_dir)
 
 
 def recipes(count: int, seed: int) -> list[dict]:
@@ -63,7 +90,7 @@ def in_memory(documents: list[dict], specs: list, device: str, dtype: str) -> tu
     from mergearena.search.worker import TrialWorker
 
     worker = TrialWorker(
-        "zoo:smollm2-135m", specs, device=device, dtype=dtype, cache_bytes=_default_cache_bytes(1)
+        BASE, specs, device=device, dtype=dtype, cache_bytes=_default_cache_bytes(1)
     )
     merging, scoring = [], []
     for document in documents:
@@ -77,7 +104,12 @@ def in_memory(documents: list[dict], specs: list, device: str, dtype: str) -> tu
     return merging, scoring
 
 
-def study(trials: int, limit: int, device: str, use_ray: bool, workers: int, seed: int) -> float:
+def study(
+    trials: int, limit: int, device: str, use_ray: bool, workers: int, seed: int
+) -> tuple[float, float | None]:
+    """The study's wall time, start included, and its steady rate in trials per minute: the
+    trials completed after each worker's first (which loads the model and fills the cache),
+    over the time from then to the last."""
     from mergearena.search import SearchSettings, run_search
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -94,16 +126,26 @@ def study(trials: int, limit: int, device: str, use_ray: bool, workers: int, see
             workers=workers,
         )
         started = time.perf_counter()
-        run_search(settings, log=lambda _: None)
-        return time.perf_counter() - started
+        report = run_search(settings, log=lambda _: None)
+        wall = time.perf_counter() - started
+    done = sorted(t.datetime_complete for t in report.study.trials if t.datetime_complete)
+    if len(done) <= workers:
+        return wall, None
+    steady = (done[-1] - done[workers - 1]).total_seconds()
+    return wall, 60 * (len(done) - workers) / steady
+
+
+def _rate(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.1f} trials/min"
 
 
 def report_ray(args: argparse.Namespace) -> None:
-    sequential = study(args.trials, args.limit, args.device, False, 1, args.seed)
-    on_ray = study(args.trials, args.limit, args.device, True, 1, args.seed)
+    sequential, sequential_rate = study(args.trials, args.limit, args.device, False, 1, args.seed)
+    on_ray, _ = study(args.trials, args.limit, args.device, True, 1, args.seed)
     print(
-        f"study of {args.trials} trials: sequential {sequential:.1f} s, one Ray worker "
-        f"{on_ray:.1f} s: Ray overhead {100 * (on_ray / sequential - 1):+.1f}% of wall time"
+        f"study of {args.trials} trials: sequential {sequential:.1f} s (steady "
+        f"{_rate(sequential_rate)}), one Ray worker {on_ray:.1f} s: Ray overhead "
+        f"{100 * (on_ray / sequential - 1):+.1f}% of wall time"
     )
     # Ray's own start (its processes) is paid once a study; the study on a running Ray:
     import ray
@@ -111,18 +153,24 @@ def report_ray(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False)
     starting = time.perf_counter() - started
-    warm = study(args.trials, args.limit, args.device, True, 1, args.seed)
+    warm, warm_rate = study(args.trials, args.limit, args.device, True, 1, args.seed)
     print(
         f"  Ray's start {starting:.1f} s; the study on a running Ray {warm:.1f} s: "
-        f"{100 * (warm / sequential - 1):+.1f}% against sequential"
+        f"{100 * (warm / sequential - 1):+.1f}% against sequential (steady {_rate(warm_rate)})"
     )
     if args.workers > 1:
-        parallel = study(args.trials, args.limit, args.device, True, args.workers, args.seed)
+        parallel, rate = study(args.trials, args.limit, args.device, True, args.workers, args.seed)
         print(
             f"{args.workers} Ray workers: {parallel:.1f} s, "
-            f"{60 * args.trials / parallel:.2f} trials per minute"
+            f"{60 * args.trials / parallel:.2f} trials per minute start included, steady "
+            f"{_rate(rate)}"
         )
     ray.shutdown()
+
+
+def _scratch_root() -> str | None:
+    """``/dev/shm`` where there is one (no disk in the timings), else the default temp dir."""
+    return "/dev/shm" if Path("/dev/shm").is_dir() else None
 
 
 def main() -> None:
@@ -134,7 +182,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0, help="also run N Ray workers at once")
     parser.add_argument("--ray-only", action="store_true", help="only the studies, here and on Ray")
+    parser.add_argument("--random-init", type=Path, metavar="TOKENIZER_DIR", help="random base")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="search-speed-", dir=_scratch_root()) as scratch:
+        if args.random_init is not None:
+            random_base(args.random_init, Path(scratch))
+            print(f"random weights of the zoo base's shape in {scratch}")
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     print(
         f"{args.trials} trials, {args.limit} validation rows of {len(TASKS)} zoo tasks, "
         f"{args.device}, dtype {args.dtype}"
