@@ -15,16 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from mergearena.arena.inference import check_choices, check_texts, starter_kit_hooks
-from mergearena.arena.runner import (
-    JobSpec,
-    ModelPolicy,
-    SubmissionError,
-    count_parameters,
-    main,
-    run_job,
-)
+from mergearena.arena.policy import ModelPolicy, count_parameters
+from mergearena.arena.runner import JobSpec, main, run_job
 from mergearena.arena.scoring import score_task
-from mergearena.errors import MergeArenaError
+from mergearena.errors import MergeArenaError, SubmissionError
 from mergearena.evaluation import CotSettings, Example, Task, load_task
 from mergearena.evaluation.metrics import generation_metrics
 

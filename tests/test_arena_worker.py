@@ -534,7 +534,7 @@ def test_a_routed_model_is_scored_as_it_runs_with_its_base_and_adapters(
 def test_a_routed_model_over_the_parameter_limit_counts_its_adapters(
     arena, models, routed: Path
 ) -> None:
-    from mergearena.arena.runner import count_parameters
+    from mergearena.arena.policy import count_parameters
 
     submit, run, sessions, _ = arena
     with sessions() as session:  # room for the base, not for the base and its experts

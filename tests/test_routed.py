@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergearena.arena.runner import count_parameters as arena_count_parameters
+from mergearena.arena.policy import count_parameters as arena_count_parameters
 from mergearena.checkpoints.lora import LoraAdapter
 from mergearena.cli import app
 from mergearena.errors import CheckpointError, TaskError

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import llm_merging
 import llm_merging.merging
-from mergearena.arena.runner import ModelPolicy
+from mergearena.arena.policy import ModelPolicy
 from mergearena.errors import SubmissionError
 
 # The job's model policy, set by the runner for the duration of a job; outside a job (a

@@ -320,7 +320,7 @@ def check_recipe(competition: Competition, content: bytes) -> None:
     By name only, as a courtesy at upload (the server may not hold the models): the job's merge
     is what enforces the allowlist, on every model it opens (an adapter's own base included).
     """
-    from mergearena.arena.runner import is_listed
+    from mergearena.arena.policy import is_listed
     from mergearena.checkpoints.refs import split_adapter_ref
     from mergearena.recipe import parse_recipe
 
@@ -347,7 +347,8 @@ def check_code(competition: Competition, file_name: str, content: bytes) -> str:
     """The kind of an upload that is not a recipe: ``routed`` for an archive holding a routed
     model (``mergearena route``'s directory: no code runs), else ``code``, refused where nobody
     can run it safely. Archives that would not extract safely are refused either way."""
-    from mergearena.arena.runner import is_listed, open_routed
+    from mergearena.arena.policy import is_listed
+    from mergearena.arena.runner import open_routed
     from mergearena.arena.safetar import extract_archive
     from mergearena.arena.sandbox import sandbox_available
     from mergearena.routed.manifest import find_routed_dir

@@ -151,7 +151,7 @@ def build_zoo_experts(allowed_models: Sequence[str]) -> None:
     zoo base there is nothing to build from. A failure is reported on stderr, not to the team:
     a job that then asks for the model fails with a message saying it is not built.
     """
-    from mergearena.arena.runner import is_listed
+    from mergearena.arena.policy import is_listed
     from mergearena.checkpoints.refs import (
         ZOO_BASE_NAME,
         zoo_expert_names,

@@ -1,0 +1,101 @@
+"""Which models an arena job may use: the competition's allowlist and parameter limit.
+
+The runner applies a ``ModelPolicy`` to every model a submission opens (the starter-kit layer
+resolves the kit's model names through it too); the service and the worker check references
+against the allowlist with ``is_listed`` before a job runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergearena.checkpoints import Checkpoint, is_adapter_dir, resolve_model_ref
+from mergearena.checkpoints.lora import ADAPTER_BIN, ADAPTER_SAFETENSORS
+from mergearena.errors import CheckpointError, SubmissionError
+
+
+def count_parameters(path: Path) -> int:
+    """Parameters stored in a model or adapter directory, from its weight files' headers only."""
+    from mergearena.routed.manifest import count_parameters as routed_parameters
+    from mergearena.routed.manifest import is_routed_dir
+
+    if is_routed_dir(path):  # the base and every expert adapter beside it
+        return routed_parameters(path)
+    if is_adapter_dir(path):
+        files = [path / n for n in (ADAPTER_SAFETENSORS, ADAPTER_BIN) if (path / n).is_file()]
+        checkpoint = Checkpoint.from_weight_files(path, files[:1])
+    else:
+        checkpoint = Checkpoint.open(path)
+    with checkpoint:
+        return sum(info.numel for info in checkpoint.tensors.values())
+
+
+def is_listed(ref: str, allowed_models: Sequence[str]) -> bool:
+    """Whether an allowlist admits ``ref``: empty admits all; an entry is a reference or a glob
+    pattern (``zoo:*``), and a listed hub id admits itself at any revision (``org/name@rev``)."""
+    name = ref.partition("@")[0]
+    return not allowed_models or any(
+        fnmatch.fnmatchcase(ref, allowed) or fnmatch.fnmatchcase(name, allowed)
+        for allowed in allowed_models
+    )
+
+
+@dataclass
+class ModelPolicy:
+    """Which models a job may use: ``allowed_models`` (empty: any local model) and
+    ``max_parameters`` (None: no limit). Every model a submission opens goes through ``resolve``,
+    which records it in ``used``.
+
+    A reference is allowed when it is listed, when it is a listed hub id at some revision
+    (``org/name@rev`` for a listed ``org/name``), or when it resolves to the directory a listed
+    reference resolves to (``./models/base`` and its absolute path are one model).
+    """
+
+    allowed_models: Sequence[str] = ()
+    max_parameters: int | None = None
+    used: list[str] = field(default_factory=list)
+    _allowed_paths: set[Path] | None = field(default=None, init=False, repr=False)
+
+    def _listed(self, ref: str) -> bool:
+        return is_listed(ref, self.allowed_models)
+
+    def _resolves_to_allowed(self, path: Path) -> bool:
+        if self._allowed_paths is None:
+            self._allowed_paths = set()
+            for allowed in self.allowed_models:
+                try:
+                    self._allowed_paths.add(resolve_model_ref(allowed).resolve())
+                except CheckpointError:
+                    continue  # an allowed model missing here cannot be what ``path`` is
+        return path in self._allowed_paths
+
+    def _refusal(self, ref: str) -> SubmissionError:
+        return SubmissionError(
+            f"model {ref!r} is not allowed in this competition; the allowed models are: "
+            f"{', '.join(self.allowed_models)}"
+        )
+
+    def resolve(self, ref: str) -> Path:
+        """The local directory of ``ref``, or a ``SubmissionError`` if the job refuses it."""
+        listed = self._listed(ref)
+        try:
+            path = resolve_model_ref(ref).resolve()
+        except CheckpointError:
+            if not listed:
+                raise self._refusal(ref) from None
+            raise
+        if not listed and not self._resolves_to_allowed(path):
+            raise self._refusal(ref)
+        if self.max_parameters is not None:
+            count = count_parameters(path)
+            if count > self.max_parameters:
+                raise SubmissionError(
+                    f"model {ref!r} has {count:,} parameters, more than this competition's limit "
+                    f"of {self.max_parameters:,}; pick a smaller model"
+                )
+        if ref not in self.used:
+            self.used.append(ref)
+        return path
