@@ -44,8 +44,7 @@ def _archive(directory: Path, extra: dict[str, Path] | None = None) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         for path in sorted(directory.iterdir()):
-            if path.name != "__pycache__":
-                archive.add(path, arcname=path.name, filter=_no_caches)
+            archive.add(path, arcname=path.name, filter=_no_caches)
         for name, path in (extra or {}).items():
             archive.add(path, arcname=name)
     return buffer.getvalue()

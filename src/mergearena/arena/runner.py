@@ -299,8 +299,6 @@ def _routed(directory: Path, model_dir: Path, spec: JobSpec, policy: ModelPolicy
     """Take a routed submission into ``model_dir``: nothing to merge; its base goes through the
     policy like any model, and the limit on parameters counts the base and every adapter, as
     the model runs."""
-    from mergearena.routed.manifest import count_parameters
-
     routed, manifest = open_routed(directory)
     policy.resolve(manifest.base)
     if model_dir.exists():
