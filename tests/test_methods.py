@@ -43,6 +43,7 @@ from mergearena.methods.task_arithmetic import (
     elected_sign,
     keep_largest_,
     keep_rank_range_,
+    largest_mask,
     magnitude_outliers_prune_,
     magnitude_prune_,
 )
@@ -381,6 +382,7 @@ def test_keep_largest_equals_a_stable_sort_with_many_ties(count, make_values):
     kept = keep_largest_(values.clone(), count)
     assert torch.equal(kept, torch.where(reference, values, 0.0))
     assert int((kept != 0).sum()) == count
+    assert torch.equal(largest_mask(values.abs(), count), reference)  # the GPU's sync-free cut
 
 
 @pytest.mark.usefixtures("small_blocks")

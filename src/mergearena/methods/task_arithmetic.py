@@ -486,6 +486,18 @@ def rank_range_cut(source: MagnitudeSource, start: int, stop: int) -> RangeCut:
     )
 
 
+def largest_mask(magnitudes: Tensor, count: int) -> Tensor:
+    """The entries ``largest_cut`` keeps (1 ≤ count < n) of flat ``magnitudes``, as a bool mask
+    computed where they live, with no value read back to the host: a GPU never waits. The
+    ``count``-th largest by ``topk``, everything above it, and of its ties the first ones in
+    index order (a running count) until ``count`` are kept."""
+    value = torch.topk(magnitudes, count, sorted=False).values.min()
+    keep = magnitudes > value
+    ties = magnitudes == value
+    wanted = count - keep.sum()
+    return keep.logical_or_(ties.logical_and_(ties.cumsum(0) <= wanted))
+
+
 def keep_largest_(delta: Tensor, count: int, scratch: Tensor | None = None) -> Tensor:
     """Zero all but the ``count`` largest-magnitude entries of ``delta`` (float32), in place.
 
@@ -497,6 +509,9 @@ def keep_largest_(delta: Tensor, count: int, scratch: Tensor | None = None) -> T
         return delta
     if count <= 0:
         return delta.zero_()
+    if flat.device.type != "cpu":
+        flat.mul_(largest_mask(flat.abs(), count))
+        return delta
     cut = largest_cut(_Magnitudes(flat), count)
     mask = torch.abs(flat, out=_buffer(flat, scratch))
     flat.mul_(_keep_top_(mask, 0, cut.value, cut.split))
@@ -608,7 +623,8 @@ def _precomputed(pruned: Tensor) -> Prune:
 def magnitude_pruning(vector: TaskVector, density: float, rescale: bool) -> Prune | None:
     """``magnitude_prune_`` (the TIES trim) of ``vector``, as a Prune for its blocks.
 
-    One scan finds the cut (``largest_cut``); each block then keeps its entries above it. With
+    One scan finds the cut (``largest_cut``); each block then keeps its entries above it. On a
+    GPU, where the task vector is one block, ``largest_mask`` cuts it without a host sync. With
     ``rescale`` the L1 norms are whole-tensor sums, so the task vector is pruned whole.
     """
     numel = vector.numel
@@ -621,6 +637,12 @@ def magnitude_pruning(vector: TaskVector, density: float, rescale: bool) -> Prun
     count = max(1, int(density * numel))
     if count >= numel:
         return None
+    if vector.device.type != "cpu":  # one block, the whole task vector: cut it there
+
+        def prune_whole(delta: Tensor, start: int, scratch: Tensor) -> Tensor:
+            return delta.mul_(largest_mask(torch.abs(delta, out=scratch), count))
+
+        return prune_whole
     cut = largest_cut(vector, count)
 
     def prune(delta: Tensor, start: int, scratch: Tensor) -> Tensor:
