@@ -93,13 +93,19 @@ for host, port in targets:
 
 
 @needs_sandbox
-def test_network_is_unreachable_inside(tmp_path: Path) -> None:
-    """Neither the internet nor a service on the host's loopback answers from inside."""
+@pytest.mark.parametrize("seccomp", [True, False], ids=["filtered", "namespaces-only"])
+def test_network_is_unreachable_inside(tmp_path: Path, monkeypatch, seccomp: bool) -> None:
+    """Neither the internet nor a service on the host's loopback answers from inside: the
+    seccomp filter refuses the socket itself, and without it the network namespace has nothing
+    to connect to."""
+    if not seccomp:
+        monkeypatch.setattr(sandbox_module, "seccomp_program", lambda: (None, "off"))
     with socket.create_server(("127.0.0.1", 0)) as server:  # the backlog accepts, no thread
         port = server.getsockname()[1]
         result = run_python(NETWORK_PROBE, tmp_path, str(port), "2")
     assert result.status == "ok", result.output
-    assert "127.0.0.1 failed ConnectionRefusedError" in result.output
+    refused = "PermissionError" if seccomp else "ConnectionRefusedError"
+    assert f"127.0.0.1 failed {refused}" in result.output
     assert "1.1.1.1 failed" in result.output
     assert "connected" not in result.output
 
@@ -345,3 +351,77 @@ def test_unavailable_sandbox_is_reported_and_refused(
     monkeypatch.setattr(sandbox_module, "sandbox_available", lambda: "no bwrap")
     with pytest.raises(ArenaError, match="cannot run .* sandboxed: no bwrap"):
         run_python("pass", tmp_path)
+
+
+# ------------------------------------------------------------------------------ the seccomp filter
+
+SYSCALL_PROBES = r"""
+import ctypes, errno, json, os, socket, subprocess, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+found = {}
+
+def errno_of(call):
+    try:
+        call()
+    except OSError as error:
+        return errno.errorcode.get(error.errno, str(error.errno))
+    return "allowed"
+
+def raw(name, *args):
+    ctypes.set_errno(0)
+    result = getattr(libc, name)(*args)
+    return "allowed" if result >= 0 else errno.errorcode[ctypes.get_errno()]
+
+found["inet socket"] = errno_of(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+found["inet6 socket"] = errno_of(lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+found["raw socket"] = errno_of(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 1))
+found["packet socket"] = errno_of(lambda: socket.socket(17, socket.SOCK_RAW, 0))
+found["unix socket"] = errno_of(lambda: socket.socketpair(socket.AF_UNIX))
+found["ptrace the worker"] = raw("ptrace", 16, int(sys.argv[1]), None, None)  # PTRACE_ATTACH
+found["unshare a user namespace"] = raw("unshare", 0x10000000)
+found["keyctl"] = raw("syscall", 250, 0, 0, 0, 0)  # keyctl(KEYCTL_GET_KEYRING_ID)
+found["bpf"] = raw("syscall", 321, 0, 0, 0)
+found["perf_event_open"] = raw("syscall", 298, 0, 0, -1, -1, 0)
+found["mount"] = raw("mount", b"none", b"/tmp", b"tmpfs", 0, None)
+thread = threading.Thread(target=lambda: found.setdefault("thread", "ran"))
+thread.start(); thread.join()
+found["subprocess"] = subprocess.run([sys.executable, "-c", "print(6 * 7)"],
+                                     capture_output=True, text=True).stdout.strip()
+print(json.dumps(found))
+"""
+
+
+@needs_sandbox
+def test_the_seccomp_filter_refuses_what_a_job_has_no_use_for(tmp_path: Path) -> None:
+    """Sockets but AF_UNIX, tracing the worker, new namespaces, keyrings, bpf, perf events and
+    mounts fail with EPERM; threads and child processes work as before."""
+    result = run_python(SYSCALL_PROBES, tmp_path, str(os.getpid()))
+    assert result.status == "ok", result.output
+    assert result.confinement.startswith("seccomp filter: in force"), result.confinement
+    found = json.loads(result.output.strip().splitlines()[-1])
+    refused = {name: code for name, code in found.items() if code == "EPERM"}
+    assert set(refused) == {
+        "inet socket",
+        "inet6 socket",
+        "raw socket",
+        "packet socket",
+        "ptrace the worker",
+        "unshare a user namespace",
+        "keyctl",
+        "bpf",
+        "perf_event_open",
+        "mount",
+    }, found
+    assert (found["unix socket"], found["thread"], found["subprocess"]) == ("allowed", "ran", "42")
+
+
+@needs_sandbox
+def test_without_libseccomp_the_run_goes_on_and_says_the_filter_is_not_in_force(
+    tmp_path: Path, monkeypatch
+) -> None:
+    missing = "seccomp filter: not in force (no libseccomp)"
+    monkeypatch.setattr(sandbox_module, "seccomp_program", lambda: (None, missing))
+    result = run_python(SYSCALL_PROBES, tmp_path, str(os.getpid()))
+    assert result.status == "ok" and result.confinement == missing, result.output
+    found = json.loads(result.output.strip().splitlines()[-1])
+    assert found["inet socket"] == "allowed"  # the filter, not the namespaces, refused it above

@@ -28,8 +28,14 @@ What the sandbox holds the command to:
 GPUs: ``/dev`` is minimal; the caller passes the device files a GPU run needs (``devices``; the
 worker passes ``/dev/nvidia*`` when it runs on CUDA).
 
-What it does not do: cgroup limits (total memory or CPU across processes, total pids), seccomp
-syscall filtering. ``sandbox=False`` runs the same command
+- System calls: a seccomp filter (``mergearena.arena.seccomp``) refuses sockets other than
+  ``AF_UNIX``, new namespaces, tracing, mounts, keyrings, bpf, perf events and kernel modules,
+  installed by bwrap just before the command starts. Where libseccomp cannot be loaded the run
+  goes on without it, and ``SandboxResult.confinement`` (which the worker puts at the top of the
+  job's log) says so.
+
+What it does not do: cgroup limits (total memory or CPU across processes, total pids).
+``sandbox=False`` runs the same command
 with the same environment, rlimits, wall limit and output cap but none of the above: the
 command runs as the caller (for root, ``RLIMIT_NPROC`` then does not bind), sees everything,
 and only what stays in its process group is killed at the end.
@@ -37,6 +43,7 @@ and only what stays in its process group is killed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import resource
@@ -47,10 +54,11 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergearena.arena.seccomp import seccomp_program
 from mergearena.errors import ArenaError
 
 SANDBOX_UID = 65534  # nobody (and gid nogroup): who a command runs as when the arena runs as root
@@ -96,6 +104,7 @@ class SandboxResult:
     output: str  # stdout and stderr interleaved; a note in the middle says what was dropped
     output_truncated_bytes: int
     wall_seconds: float
+    confinement: str = ""  # which of the sandbox's guards were in force, for the job's log
 
 
 @functools.cache
@@ -139,6 +148,7 @@ def run_sandboxed(
     ``devices`` are device files passed through into the sandbox's minimal ``/dev`` (a GPU's).
     """
     workdir = Path(workdir).absolute()
+    program, confinement = None, "no sandbox: none of its guards"
     if sandbox:
         reason = sandbox_available()
         if reason is not None:
@@ -148,21 +158,26 @@ def run_sandboxed(
             )
         if os.geteuid() == 0:
             _give_to_sandbox_user(workdir)
-        command = _sandbox_argv(list(argv), workdir, list(readonly), list(hidden), list(devices))
-    else:
-        command = list(argv)
-
-    start = time.monotonic()
-    process = subprocess.Popen(
-        command,
-        cwd=workdir,
-        env=dict(env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, killed as one
-        preexec_fn=_rlimit_setter(limits),
-    )
+        program, confinement = seccomp_program()
+    with _program_file(program) as seccomp_fd:
+        if sandbox:
+            command = _sandbox_argv(
+                list(argv), workdir, list(readonly), list(hidden), list(devices), seccomp_fd
+            )
+        else:
+            command = list(argv)
+        start = time.monotonic()
+        process = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, killed as one
+            preexec_fn=_rlimit_setter(limits),
+            pass_fds=() if seccomp_fd is None else (seccomp_fd,),
+        )
     assert process.stdout is not None
     output = _Output(limits.output_bytes)
     timed_out = _pump(process, output, deadline=start + limits.wall_seconds)
@@ -181,8 +196,30 @@ def run_sandboxed(
     else:
         status, detail = ("ok" if returncode == 0 else "failed"), f"exited with code {returncode}"
     return SandboxResult(
-        status, returncode, detail, output.text(), output.dropped, round(wall_seconds, 3)
+        status,
+        returncode,
+        detail,
+        output.text(),
+        output.dropped,
+        round(wall_seconds, 3),
+        confinement,
     )
+
+
+@contextlib.contextmanager
+def _program_file(program: bytes | None) -> Iterator[int | None]:
+    """A file descriptor reading ``program`` from its start (bwrap's ``--seccomp FD``), closed
+    once the command has started; None for no program."""
+    if program is None:
+        yield None
+        return
+    descriptor = os.memfd_create("mergearena-seccomp", os.MFD_CLOEXEC)
+    try:
+        os.write(descriptor, program)
+        os.lseek(descriptor, 0, os.SEEK_SET)
+        yield descriptor
+    finally:
+        os.close(descriptor)
 
 
 def _sandbox_argv(
@@ -191,6 +228,7 @@ def _sandbox_argv(
     readonly: list[Path],
     hidden: list[Path],
     devices: list[Path] = [],  # noqa: B006 - never modified
+    seccomp_fd: int | None = None,
 ) -> list[str]:
     as_root = os.geteuid() == 0
     command = [str(shutil.which("bwrap")), "--die-with-parent", "--new-session"]
@@ -223,6 +261,8 @@ def _sandbox_argv(
             command += ["--ro-bind", "/dev/null", str(path)]
     for path in _both_paths(workdir):
         command += [*_mount_point(path), "--bind", str(path), str(path)]
+    if seccomp_fd is not None:
+        command += ["--seccomp", str(seccomp_fd)]
     command += ["--chdir", str(workdir), "--"]
     if as_root:
         command += [str(shutil.which("setpriv")), *_SETPRIV_DROP_ROOT, "--"]

@@ -240,7 +240,8 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
             sandbox=reason is None,
             devices=devices,
         )
-        log = _excerpt(result.output)
+        output = f"{result.confinement}\n{result.output}"  # which guards held it, first
+        log = _excerpt(output)
         if result.status == "timed_out":
             limit = competition.time_limit_seconds
             message = f"stopped at the time limit of {limit} s (for merge and inference together)"
@@ -254,7 +255,7 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
             try:
                 scores[task.name] = score_task(full, predictions, root=work).value
             except RejectedOutput as error:  # broken or forged predictions: not scored at all
-                return JobOutcome("failed", _excerpt(f"{result.output}\n{error}"), error=str(error))
+                return JobOutcome("failed", _excerpt(f"{output}\n{error}"), error=str(error))
         average = sum(scores.values()) / len(scores) if scores else None
         return JobOutcome("scored", log, scores=scores, average=average)
     finally:
