@@ -92,6 +92,16 @@ class Limits:
     processes: int = 256  # RLIMIT_NPROC: see the module docstring for when it binds
     output_bytes: int = 1 * 2**20  # stdout and stderr kept: the first and last halves
 
+    def describe(self) -> str:
+        """The limits in force, in one line for a job's log."""
+        memory = "none" if self.memory_bytes is None else f"{self.memory_bytes / 2**30:g} GiB"
+        cpu = "none" if self.cpu_seconds is None else f"{self.cpu_seconds} s"
+        return (
+            f"limits: wall {self.wall_seconds:g} s for the run; per process (rlimits) address "
+            f"space {memory}, CPU {cpu}, file size {self.file_bytes / 2**30:g} GiB, "
+            f"{self.processes} processes; no cgroup limits (total memory, total processes)"
+        )
+
 
 @dataclass(frozen=True)
 class SandboxResult:
@@ -104,7 +114,7 @@ class SandboxResult:
     output: str  # stdout and stderr interleaved; a note in the middle says what was dropped
     output_truncated_bytes: int
     wall_seconds: float
-    confinement: str = ""  # which of the sandbox's guards were in force, for the job's log
+    confinement: str = ""  # which guards and limits were in force, for the job's log
 
 
 @functools.cache
@@ -148,7 +158,7 @@ def run_sandboxed(
     ``devices`` are device files passed through into the sandbox's minimal ``/dev`` (a GPU's).
     """
     workdir = Path(workdir).absolute()
-    program, confinement = None, "no sandbox: none of its guards"
+    program, guards = None, "no sandbox: none of its guards"
     if sandbox:
         reason = sandbox_available()
         if reason is not None:
@@ -158,7 +168,8 @@ def run_sandboxed(
             )
         if os.geteuid() == 0:
             _give_to_sandbox_user(workdir)
-        program, confinement = seccomp_program()
+        program, guards = seccomp_program()
+    confinement = f"{guards}\n{limits.describe()}"
     with _program_file(program) as seccomp_fd:
         if sandbox:
             command = _sandbox_argv(
