@@ -426,3 +426,30 @@ def test_without_libseccomp_the_run_goes_on_and_says_the_filter_is_not_in_force(
     assert result.confinement.splitlines()[0] == missing
     found = json.loads(result.output.strip().splitlines()[-1])
     assert found["inet socket"] == "allowed"  # the filter, not the namespaces, refused it above
+
+
+FILL_PROBE = r"""
+import errno, os
+for directory in ("/dev/shm", "/tmp"):
+    written = 0
+    try:
+        with open(os.path.join(directory, "fill"), "wb") as handle:
+            while written < 64 * 2**20:
+                handle.write(b"x" * 2**20)
+                handle.flush()
+                written += 2**20
+        print(directory, "filled", written // 2**20, "MiB")
+    except OSError as error:
+        print(directory, "stopped", errno.errorcode[error.errno], "at", written // 2**20, "MiB")
+"""
+
+
+@needs_sandbox
+def test_shared_memory_is_closed_and_private_tmpfs_dirs_are_bounded(tmp_path: Path) -> None:
+    """A tmpfs lives in RAM: /dev/shm takes nothing, /tmp no more than its size."""
+    limits = Limits(wall_seconds=20, private_dir_bytes=16 * 2**20)
+    result = run_python(FILL_PROBE, tmp_path, limits=limits)
+    assert result.status == "ok", result.output
+    assert "/dev/shm stopped EACCES at 0 MiB" in result.output
+    assert "/tmp stopped ENOSPC at 16 MiB" in result.output
+    assert "private tmpfs dirs 16 MiB each" in result.confinement

@@ -3,7 +3,8 @@
 What the sandbox holds the command to:
 
 - Files: the host's ``/`` read-only, with fresh empty tmpfs over ``/tmp``, ``/var/tmp``, ``/root``,
-  ``/home`` and ``/run`` (where secrets and other users' files live), a minimal ``/dev`` and the
+  ``/home`` and ``/run`` (where secrets and other users' files live; each at most
+  ``Limits.private_dir_bytes``, since a tmpfs lives in RAM), a minimal ``/dev`` and the
   pid namespace's own ``/proc``. The caller adds read-only paths (the Python prefix, the model
   cache), hides paths (an empty tmpfs over a directory; over a file, /dev/null, which cannot
   be opened on a nodev mount) and gives one writable ``workdir``, bound at its own path so paths
@@ -90,6 +91,8 @@ class Limits:
     memory_bytes: int | None = 8 * 2**30
     file_bytes: int = 2 * 2**30  # RLIMIT_FSIZE: the largest file a process may write
     processes: int = 256  # RLIMIT_NPROC: see the module docstring for when it binds
+    # the size of each private tmpfs (/tmp, /var/tmp, /root, /home, /run): RAM, so bounded
+    private_dir_bytes: int = 256 * 2**20
     output_bytes: int = 1 * 2**20  # stdout and stderr kept: the first and last halves
 
     def describe(self) -> str:
@@ -99,7 +102,8 @@ class Limits:
         return (
             f"limits: wall {self.wall_seconds:g} s for the run; per process (rlimits) address "
             f"space {memory}, CPU {cpu}, file size {self.file_bytes / 2**30:g} GiB, "
-            f"{self.processes} processes; no cgroup limits (total memory, total processes)"
+            f"{self.processes} processes; private tmpfs dirs {self.private_dir_bytes // 2**20} "
+            "MiB each; no cgroup limits (total memory, total processes)"
         )
 
 
@@ -173,7 +177,13 @@ def run_sandboxed(
     with _program_file(program) as seccomp_fd:
         if sandbox:
             command = _sandbox_argv(
-                list(argv), workdir, list(readonly), list(hidden), list(devices), seccomp_fd
+                list(argv),
+                workdir,
+                list(readonly),
+                list(hidden),
+                list(devices),
+                seccomp_fd,
+                limits.private_dir_bytes,
             )
         else:
             command = list(argv)
@@ -240,6 +250,7 @@ def _sandbox_argv(
     hidden: list[Path],
     devices: list[Path] = [],  # noqa: B006 - never modified
     seccomp_fd: int | None = None,
+    private_dir_bytes: int = Limits.private_dir_bytes,
 ) -> list[str]:
     as_root = os.geteuid() == 0
     command = [str(shutil.which("bwrap")), "--die-with-parent", "--new-session"]
@@ -257,7 +268,8 @@ def _sandbox_argv(
     for device in devices:
         command += ["--dev-bind", str(device), str(device)]
     for directory in PRIVATE_DIRS:
-        command += ["--perms", "1777", "--tmpfs", directory]  # writable by nobody, like /tmp
+        # writable by nobody, like /tmp, and of a bounded size (a tmpfs fills RAM)
+        command += ["--size", str(private_dir_bytes), "--perms", "1777", "--tmpfs", directory]
     bound = [path for p in readonly for path in _both_paths(p)]
     if as_root:
         for directory in _closed_ancestors([*_both_paths(workdir), *bound]):
