@@ -97,3 +97,16 @@ def test_only_regular_files_inside_the_job_are_read(tmp_path):
     os.mkfifo(path)  # would block a plain open()
     with pytest.raises(RejectedOutput, match="not a regular file"):
         score_task(task, path, root=work)
+
+
+def test_a_huge_or_non_utf8_predictions_file_is_refused_unread(tmp_path):
+    task = hidden(tmp_path, "mc", HIDDEN_MC)
+    work = tmp_path / "work"
+    path = predictions_file(work, "mc", "id,prediction\nq1,0\nq2,1\n")
+    with path.open("r+b") as handle:  # 1 GiB, sparse: no disk or memory spent
+        handle.truncate(2**30)
+    with pytest.raises(RejectedOutput, match="larger than 268,435,456 bytes"):
+        score_task(task, path, root=work)
+    path.write_bytes(b"id,prediction\nq1,0\nq2,\xff\xfe\n")
+    with pytest.raises(RejectedOutput, match=r"not UTF-8 text \(byte 0xff on line 3\)"):
+        score_task(task, path, root=work)

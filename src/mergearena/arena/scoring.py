@@ -55,12 +55,21 @@ def read_untrusted(path: Path, root: Path, *, max_bytes: int = MAX_FILE_BYTES) -
     except OSError as error:
         raise RejectedOutput(f"{label}: cannot be read ({error.strerror})") from None
     with os.fdopen(descriptor, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
             raise RejectedOutput(f"{label}: not a regular file")
-        data = handle.read(max_bytes + 1)
-    if len(data) > max_bytes:
+        # the size first, so a huge file is refused unread; the read is capped too (it may grow)
+        data = b"" if status.st_size > max_bytes else handle.read(max_bytes + 1)
+    if status.st_size > max_bytes or len(data) > max_bytes:
         raise RejectedOutput(f"{label}: larger than {max_bytes:,} bytes")
-    return data.decode("utf-8", errors="replace")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise RejectedOutput(
+            f"{label}: not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); write "
+            "predictions as UTF-8"
+        ) from None
 
 
 def _short(text: str) -> str:
