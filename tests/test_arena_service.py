@@ -29,6 +29,7 @@ from mergearena.arena.runner import load_job
 from mergearena.arena.web import ArenaSettings, create_app
 
 ORGANIZER = {"Authorization": "Bearer organizer-secret"}
+HEAD = "0003"  # the schema revision a fresh or upgraded arena database is at
 MC_TASK = (
     b"id,input,target,answer_choices,eval_type\n"
     b"1,good film,0,\"['positive', 'negative']\",multiple_choice\n"
@@ -118,7 +119,7 @@ def test_schema_is_migrated_and_sqlite_uses_wal(database_url: str) -> None:
     sessions = open_database(database_url)
     open_database(database_url)  # a second open finds the schema current
     with sessions() as session:
-        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == "0002"
+        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == HEAD
         if database_url.startswith("sqlite"):
             assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
 
@@ -132,7 +133,7 @@ def test_a_database_versioned_in_alembics_default_table_is_adopted(database_url:
     engine.dispose()
     sessions = open_database(database_url)  # upgrades from 0001, not from an empty schema
     with sessions() as session:
-        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == "0002"
+        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == HEAD
         assert session.execute(text("SELECT count(*) FROM competitions")).scalar() == 0
 
 
@@ -148,7 +149,7 @@ def test_a_search_study_lives_in_the_arena_database(database_url: str) -> None:
     again = optuna.load_study(study_name="s", storage=database_url)
     assert len(again.trials) == 2
     with sessions() as session:
-        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == "0002"
+        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == HEAD
 
 
 def test_a_database_of_the_first_schema_is_upgraded_keeping_its_competitions(
@@ -176,7 +177,7 @@ def test_a_database_of_the_first_schema_is_upgraded_keeping_its_competitions(
     engine.dispose()
     sessions = open_database(database_url)
     with sessions() as session:
-        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == "0002"
+        assert session.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == HEAD
         old = service.get_competition(session, "old")
         # each task's own few-shot examples and CoT settings, as before the upgrade
         assert (old.mc_rule, old.fewshot, old.cot) == ("letter", None, None)
@@ -443,22 +444,54 @@ def test_leaderboard_keeps_the_best_or_the_latest_per_team(arena) -> None:
     assert [r["name"] for r in latest] == ["second"]
 
 
+def _baseline(sessions, data_dir: Path) -> int:
+    """A submission "base" of the organizers' baseline team to the validation phase."""
+    with sessions() as session:
+        team, _ = service.register_team(session, "organizers", baseline=True)
+        phase = service.get_phase(service.get_competition(session, "demo"), "validation")
+        baseline = service.submit(session, data_dir, team, phase, "base", "b.yaml", RECIPE)
+        session.commit()
+        return baseline.id
+
+
 def test_baselines_are_marked_and_disqualified_submissions_leave_the_board(
     arena, tmp_path: Path
 ) -> None:
     client, sessions = arena
-    with sessions() as session:
-        team, _ = service.register_team(session, "organizers", baseline=True)
-        phase = service.get_phase(service.get_competition(session, "demo"), "validation")
-        baseline = service.submit(session, tmp_path, team, phase, "base", "b.yaml", RECIPE)
-        session.commit()
+    baseline_id = _baseline(sessions, tmp_path)
     mine = _submit(client, _team(client, "alpha")).json()["id"]
-    _score(sessions, baseline.id, 0.3)
+    _score(sessions, baseline_id, 0.3)
     _score(sessions, mine, 0.7)
     rows = client.get("/api/leaderboard").json()["rows"]
     assert [(r["name"], r["baseline"]) for r in rows] == [("mine", False), ("base", True)]
     assert client.post(f"/api/submissions/{mine}/disqualify", headers=ORGANIZER).status_code == 200
     assert [r["name"] for r in client.get("/api/leaderboard").json()["rows"]] == ["base"]
+
+
+def test_the_efficiency_board_ranks_what_beats_the_baseline_by_its_run_cost(
+    arena, tmp_path: Path
+) -> None:
+    client, sessions = arena
+    runs = {"base": (_baseline(sessions, tmp_path), 0.5, 5.0)}  # name → (id, average, run seconds)
+    for name, average, seconds in [("slow", 0.8, 90.0), ("quick", 0.6, 30.0), ("cheap", 0.4, 1.0)]:
+        runs[name] = (_submit(client, _team(client, name), name).json()["id"], average, seconds)
+    runs["tied"] = (_submit(client, _team(client, "tied"), "tied").json()["id"], 0.7, 30.0)
+    for submission_id, average, seconds in runs.values():
+        _score(sessions, submission_id, average)
+        with sessions() as session:
+            submission = session.get(Submission, submission_id)
+            submission.costs = {"seconds": seconds, "peak_rss_bytes": 2**30, "parameters": 1e6}
+            session.commit()
+    board = client.get("/api/leaderboard").json()
+    # below the baseline's 0.5 ("cheap") and the baseline itself are out; equal cost: by score
+    assert [(r["rank"], r["name"]) for r in board["efficiency"]] == [
+        (1, "tied"),
+        (2, "quick"),
+        (3, "slow"),
+    ]
+    assert board["rows"][0]["costs"]["seconds"] == 90.0
+    page = client.get("/c/demo").text
+    assert 'id="efficiency"' in page and "<td>quick</td>" in page and "1.00" in page
 
 
 def test_the_final_phase_hides_scores_until_closed(arena) -> None:
@@ -467,6 +500,7 @@ def test_the_final_phase_hides_scores_until_closed(arena) -> None:
     _score(sessions, mine, 0.7)
     hidden = client.get("/api/leaderboard", params={"phase": "final"}).json()
     assert hidden["rows"][0]["average"] is None and hidden["rows"][0]["rank"] is None
+    assert hidden["efficiency"] == []  # its order would give the scores away
     assert "0.7" not in client.get("/c/demo", params={"phase": "final"}).text
     closed = client.post("/api/competitions/demo/phases/final/close", headers=ORGANIZER)
     assert closed.status_code == 200

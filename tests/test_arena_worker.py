@@ -105,6 +105,14 @@ def test_a_recipe_is_merged_predicted_and_scored(arena, models) -> None:
     assert all(0.0 <= v <= 1.0 for v in done.scores.values())
     assert done.average == pytest.approx(sum(done.scores.values()) / 2)
     assert done.attempts == 1 and done.finished_at is not None
+    # what the run cost: measured by the worker, and as the run reported it
+    from mergearena.arena.policy import count_parameters
+
+    costs = done.costs
+    assert 0 < costs["merge_seconds"] < costs["seconds"] and costs["gpu_seconds"] == 0.0
+    assert costs["peak_rss_bytes"] > 100 * 2**20  # the runner's Python with torch loaded
+    assert costs["parameters"] == count_parameters(models["base"])
+    assert costs["peak_gpu_bytes"] is None
 
 
 def test_a_chain_of_thought_competition_is_scored_with_its_misses_counted_wrong(

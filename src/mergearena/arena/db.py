@@ -141,6 +141,7 @@ class Submission(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     average: Mapped[float | None] = mapped_column(Float)
     scores: Mapped[dict[str, Any] | None] = mapped_column()
+    costs: Mapped[dict[str, Any] | None] = mapped_column()  # what the run cost (worker._costs)
     log: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text)
     disqualified: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -10,6 +10,7 @@ renewing, the lease expires, and the job is claimed again, once (``MAX_ATTEMPTS`
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
@@ -109,6 +110,7 @@ def finish(
     scores: dict[str, float] | None = None,
     average: float | None = None,
     error: str | None = None,
+    costs: dict[str, Any] | None = None,
 ) -> bool:
     """Record a job's outcome if the worker still holds it; False if another worker took it."""
     result = session.execute(
@@ -120,6 +122,7 @@ def finish(
             scores=scores,
             average=average,
             error=error,
+            costs=costs,
             finished_at=utcnow(),
             lease_owner=None,
             lease_expires_at=None,

@@ -9,7 +9,7 @@ targets happens outside the sandbox) and the directory to write:
 - ``OUT/predictions/<task>.csv``: ``id,prediction`` as ``mergearena eval`` writes them (the chosen
   choice's index for multiple choice, the generated text otherwise);
 - ``OUT/result.json``: ``{"status": "ok", "seconds", "merge_seconds", "models", "parameters",
-  "method", "own_inference", "tasks"}``, or ``{"status": "error", "error"}``;
+  "peak_gpu_bytes", "method", "own_inference", "tasks"}``, or ``{"status": "error", "error"}``;
 - ``OUT/model``: the merged model, kept only with ``keep_model`` (it can be large).
 
 A submission is a recipe (YAML); a Python file with ``@merge_method`` functions and a module-level
@@ -440,9 +440,19 @@ def _run(spec: JobSpec, out: Path, started: float) -> dict[str, Any]:
         "method": merged.method,
         "models": policy.used,
         "parameters": parameters,
+        "peak_gpu_bytes": _peak_gpu_bytes(spec.device),
         "own_inference": own_inference,
         "tasks": summaries,
     }
+
+
+def _peak_gpu_bytes(device: str) -> int | None:
+    """The most GPU memory this process's allocator held at once (None on a CPU)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return max(torch.cuda.max_memory_reserved(d) for d in range(torch.cuda.device_count()))
 
 
 def _write_result(out: Path, document: dict[str, Any]) -> None:

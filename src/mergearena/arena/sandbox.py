@@ -119,6 +119,7 @@ class SandboxResult:
     output_truncated_bytes: int
     wall_seconds: float
     confinement: str = ""  # which guards and limits were in force, for the job's log
+    peak_rss_bytes: int = 0  # the largest resident set of any one process of the run
 
 
 @functools.cache
@@ -203,7 +204,10 @@ def run_sandboxed(
     output = _Output(limits.output_bytes)
     timed_out = _pump(process, output, deadline=start + limits.wall_seconds)
     _kill_group(process.pid)
-    returncode = process.wait()
+    # wait4, not wait: its usage covers the command's process tree (every process waited for
+    # below it), measured here, outside, where the command cannot forge it
+    _, wait_status, usage = os.wait4(process.pid, 0)
+    returncode = process.returncode = os.waitstatus_to_exitcode(wait_status)
     process.stdout.close()
     wall_seconds = time.monotonic() - start
 
@@ -224,6 +228,7 @@ def run_sandboxed(
         output.dropped,
         round(wall_seconds, 3),
         confinement,
+        usage.ru_maxrss * 1024,  # kilobytes on Linux
     )
 
 

@@ -13,7 +13,7 @@ import io
 import json
 import secrets
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -487,6 +487,7 @@ class BoardRow:
     average: float | None  # None while the phase hides scores
     scores: dict[str, float | None]
     submitted_at: dt.datetime
+    costs: dict[str, Any]  # what the run cost (the worker's ``_costs``); {} if not recorded
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -498,6 +499,7 @@ class BoardRow:
             "average": self.average,
             "scores": self.scores,
             "submitted_at": self.submitted_at.isoformat() + "Z",
+            "costs": self.costs,
         }
 
 
@@ -522,6 +524,7 @@ def leaderboard(session: Session, phase: Phase, mode: str | None = None) -> list
             Submission.name,
             Submission.average,
             Submission.scores,
+            Submission.costs,
             Submission.created_at,
             Team.name.label("team"),
             Team.is_baseline,
@@ -553,6 +556,27 @@ def leaderboard(session: Session, phase: Phase, mode: str | None = None) -> list
             average=s.average if visible else None,
             scores={t: (s.scores or {}).get(t) if visible else None for t in task_names},
             submitted_at=s.created_at,
+            costs=s.costs or {},
         )
         for rank, s in enumerate(ranked, start=1)
     ]
+
+
+def efficiency_board(session: Session, phase: Phase) -> list[BoardRow]:
+    """The efficiency track: each team's best submission that beats every baseline's average,
+    ranked by what its run cost (seconds of merge and inference together), ties by score. Empty
+    while the phase hides scores; with no baseline, every scored team qualifies."""
+    if not phase.scores_visible:
+        return []
+    rows = leaderboard(session, phase, "best")
+    bar = max((r.average or 0.0 for r in rows if r.baseline), default=None)
+    entrants = [
+        r
+        for r in rows
+        if not r.baseline
+        and r.average is not None
+        and (bar is None or r.average > bar)
+        and r.costs.get("seconds") is not None
+    ]
+    entrants.sort(key=lambda r: (r.costs["seconds"], -(r.average or 0.0), r.submitted_at))
+    return [replace(row, rank=rank) for rank, row in enumerate(entrants, start=1)]

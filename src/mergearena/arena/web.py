@@ -363,6 +363,7 @@ def create_app(settings: ArenaSettings) -> FastAPI:
             "scores_visible": found.scores_visible,
             "tasks": [t.name for t in found.tasks],
             "rows": [r.as_json() for r in rows],
+            "efficiency": [r.as_json() for r in service.efficiency_board(session, found)],
         }
 
     # ------------------------------------------------------------------------------- pages
@@ -387,6 +388,7 @@ def create_app(settings: ArenaSettings) -> FastAPI:
             competition=competition,
             phase=found,
             rows=rows,
+            efficiency=service.efficiency_board(session, found),
             mc_rule_note=MC_RULE_NOTES.get(competition.mc_rule, ""),
         )
 

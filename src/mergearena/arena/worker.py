@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, joinedload, sessionmaker
 
@@ -30,6 +30,9 @@ from mergearena.arena.db import Phase, Submission
 from mergearena.arena.scoring import RejectedOutput, read_untrusted, score_task
 from mergearena.arena.service import blob_path
 from mergearena.errors import MergeArenaError
+
+if TYPE_CHECKING:
+    from mergearena.arena.sandbox import SandboxResult
 
 LOG_EXCERPT_CHARS = 8000
 
@@ -58,6 +61,7 @@ class JobOutcome:
     scores: dict[str, float] | None = None
     average: float | None = None
     error: str | None = None
+    costs: dict[str, Any] | None = None  # see ``_costs``
 
 
 def _excerpt(text: str) -> str:
@@ -67,17 +71,43 @@ def _excerpt(text: str) -> str:
     return f"{text[:half]}\n[... {len(text) - 2 * half} characters left out ...]\n{text[-half:]}"
 
 
-def _run_error(work: Path, returncode: int) -> str:
-    """Why the run failed, from the error its result.json records (untrusted: read with care,
-    cut short), after its exit code."""
+def _reported(work: Path) -> dict[str, Any]:
+    """What the run's result.json says (untrusted: read with care; {} if unreadable)."""
     from mergearena.arena.runner import RESULT_FILE
 
-    message = f"the run exited with code {returncode}"
     try:
         document = json.loads(read_untrusted(work / "out" / RESULT_FILE, work, max_bytes=2**20))
     except (RejectedOutput, ValueError):
-        return message
-    error = document.get("error") if isinstance(document, dict) else None
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _costs(result: SandboxResult, reported: dict[str, Any], gpu: bool) -> dict[str, Any]:
+    """What a run cost. Measured by the worker, outside the sandbox: ``seconds`` (the whole
+    run: merge and inference), ``gpu_seconds`` and ``peak_rss_bytes`` (the largest process).
+    Reported by the run itself (its code could misstate them): ``merge_seconds``,
+    ``parameters`` (of the merged model) and ``peak_gpu_bytes``."""
+
+    def count(key: str) -> float | None:
+        value = reported.get(key)
+        valid = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+        return value if valid else None
+
+    return {
+        "seconds": result.wall_seconds,
+        "gpu_seconds": result.wall_seconds if gpu else 0.0,
+        "peak_rss_bytes": result.peak_rss_bytes,
+        "merge_seconds": count("merge_seconds"),
+        "parameters": count("parameters"),
+        "peak_gpu_bytes": count("peak_gpu_bytes"),
+    }
+
+
+def _run_error(reported: dict[str, Any], returncode: int) -> str:
+    """Why the run failed, from the error its result.json records (cut short), after its exit
+    code."""
+    message = f"the run exited with code {returncode}"
+    error = reported.get("error")
     if not isinstance(error, str) or not error:
         return message
     return f"{message}: {error[:2000]}{'...' if len(error) > 2000 else ''}"
@@ -242,12 +272,15 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
         )
         output = f"{result.confinement}\n{result.output}"  # which guards held it, first
         log = _excerpt(output)
+        reported = _reported(work)
+        costs = _costs(result, reported, gpu)
         if result.status == "timed_out":
             limit = competition.time_limit_seconds
             message = f"stopped at the time limit of {limit} s (for merge and inference together)"
-            return JobOutcome("timed_out", log, error=message)
+            return JobOutcome("timed_out", log, error=message, costs=costs)
         if result.returncode != 0:
-            return JobOutcome("failed", log, error=_run_error(work, result.returncode))
+            error = _run_error(reported, result.returncode)
+            return JobOutcome("failed", log, error=error, costs=costs)
         scores: dict[str, float] = {}
         for task in submission.phase.tasks:
             full = load_task(targets / f"{task.name}.csv")
@@ -257,7 +290,7 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
             except RejectedOutput as error:  # broken or forged predictions: not scored at all
                 return JobOutcome("failed", _excerpt(f"{output}\n{error}"), error=str(error))
         average = sum(scores.values()) / len(scores) if scores else None
-        return JobOutcome("scored", log, scores=scores, average=average)
+        return JobOutcome("scored", log, scores=scores, average=average, costs=costs)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -305,6 +338,7 @@ def work_once(sessions: sessionmaker, settings: WorkerSettings) -> Submission | 
             scores=outcome.scores,
             average=outcome.average,
             error=outcome.error,
+            costs=outcome.costs,
         )
         session.expire_all()
         # load what callers read after the session closes
