@@ -29,7 +29,7 @@ from mergearena.arena.runner import load_job
 from mergearena.arena.web import ArenaSettings, create_app
 
 ORGANIZER = {"Authorization": "Bearer organizer-secret"}
-HEAD = "0003"  # the schema revision a fresh or upgraded arena database is at
+HEAD = "0004"  # the schema revision a fresh or upgraded arena database is at
 MC_TASK = (
     b"id,input,target,answer_choices,eval_type\n"
     b"1,good film,0,\"['positive', 'negative']\",multiple_choice\n"
@@ -226,7 +226,7 @@ def test_a_competition_s_inference_strategy_is_stored_shown_and_given_to_its_job
         submission = session.get(Submission, response.json()["id"])
         settings = worker.WorkerSettings(data_dir=tmp_path)
         (tmp_path / "job").mkdir()
-        job, _work, _targets = worker._write_job(settings, submission, tmp_path / "job")
+        job, *_ = worker._write_job(settings, submission, tmp_path / "job")
     spec = load_job(job)
     assert (spec.mc_rule, spec.fewshot, spec.cot) == ("cot", 2, expected)
 
@@ -442,6 +442,39 @@ def test_leaderboard_keeps_the_best_or_the_latest_per_team(arena) -> None:
     latest = client.get("/api/leaderboard", params={"mode": "latest"}).json()["rows"]
     assert [r["name"] for r in best] == ["first"]
     assert [r["name"] for r in latest] == ["second"]
+
+
+def test_calibration_files_are_added_by_the_organizer_and_listed(arena) -> None:
+    client, _ = arena
+    path = "/api/competitions/demo/calibration"
+    files = {"file": ("ice.csv", MC_TASK)}
+    refused = client.post(path, data={"name": "ice"}, files=files)
+    assert refused.status_code in (401, 403)
+    added = client.post(path, data={"name": "ice"}, files=files, headers=ORGANIZER)
+    assert added.status_code == 201 and added.json() == {"name": "ice", "examples": 2}
+    again = client.post(path, data={"name": "ice"}, files=files, headers=ORGANIZER)
+    assert again.status_code == 400 and "already has a calibration file 'ice'" in again.text
+    broken = {"file": ("bad.csv", b"id,text\n1,x\n")}
+    assert (
+        client.post(path, data={"name": "bad"}, files=broken, headers=ORGANIZER).status_code == 400
+    )
+    listed = client.get("/api/competitions/demo").json()["calibration"]
+    assert listed == [{"name": "ice", "examples": 2}]
+
+
+def test_the_migrations_build_the_schema_the_models_describe(database_url: str) -> None:
+    """Every table, column and index of ``db.py`` is made by the Alembic revisions, no more."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from mergearena.arena.db import Base
+
+    engine = make_engine(database_url)
+    open_database(database_url)
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    engine.dispose()
+    assert [d for d in differences if "alembic_version" not in str(d)] == []
 
 
 def _baseline(sessions, data_dir: Path) -> int:

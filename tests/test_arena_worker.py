@@ -360,6 +360,33 @@ def _method_file(models, prelude: str) -> bytes:
 
 
 @needs_sandbox
+def test_every_job_reads_the_calibration_files_and_cannot_change_them(arena, models) -> None:
+    submit, run, sessions, data_dir = arena
+    calibration = MC.replace("q1,Is the sky blue?", "c1,Is ice cold?").encode()
+    with sessions() as session:
+        competition = service.get_competition(session, "tiny")
+        service.add_calibration(session, data_dir, competition, "ice", calibration)
+        session.commit()
+    prelude = """\
+        import os
+        path = os.path.join(os.environ["MERGEARENA_CALIBRATION"], "ice.csv")
+        print("CALIBRATION:", open(path).read().splitlines()[1].split(",")[0])
+        for attempt in (lambda: open(path, "a"), lambda: open(path + ".new", "w")):
+            try:
+                attempt()
+                print("CALIBRATION: WRITTEN")
+            except OSError as error:
+                print("CALIBRATION: read-only", type(error).__name__)
+        """
+    submit("calibrated.py", _method_file(models, prelude))
+    done = run()
+    assert done.status == "scored", done.log
+    assert "CALIBRATION: c1" in done.log and "WRITTEN" not in done.log, done.log
+    assert done.log.count("CALIBRATION: read-only") == 2
+    assert set(done.scores) == {"mc", "gen"}  # calibration files are not tasks
+
+
+@needs_sandbox
 def test_code_cannot_read_hidden_targets_or_reach_the_network(arena, models) -> None:
     submit, run, sessions, data_dir = arena
     with sessions() as session:

@@ -65,6 +65,23 @@ class Competition(Base):
     phases: Mapped[list[Phase]] = relationship(
         back_populates="competition", order_by="Phase.id", cascade="all, delete-orphan"
     )
+    calibration: Mapped[list[CalibrationFile]] = relationship(
+        order_by="CalibrationFile.name", cascade="all, delete-orphan"
+    )
+
+
+class CalibrationFile(Base):
+    """A file of examples the organizer gives every job of a competition, read-only, for
+    data-aware merges and routers (the competition allowed calibration data); never scored."""
+
+    __tablename__ = "calibration_files"
+    __table_args__ = (UniqueConstraint("competition_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    competition_id: Mapped[int] = mapped_column(ForeignKey("competitions.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))  # the file is <name>.csv in the job
+    sha256: Mapped[str] = mapped_column(String(64))
+    examples: Mapped[int] = mapped_column(Integer)
 
 
 class Phase(Base):

@@ -105,6 +105,7 @@ class JobSpec(BaseModel):
     fewshot: int | None = Field(None, ge=0)  # solved examples per question; None: as the task's
     cot: dict[str, Any] | None = None  # CotSettings keys over each task's, under mc_rule cot
     method: str | None = None  # starter kit: which registered method to run
+    calibration: str | None = None  # the competition's calibration files (<name>.csv), read-only
     keep_model: bool = False
 
     @field_validator("mc_rule")

@@ -15,7 +15,7 @@ import secrets
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import case, func, select
@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from mergearena.arena.db import (
     BOARD_MODES,
     PHASE_KINDS,
+    CalibrationFile,
     Competition,
     Phase,
     PhaseTask,
@@ -40,6 +41,9 @@ from mergearena.errors import (
     NotFoundError,
     SubmissionError,
 )
+
+if TYPE_CHECKING:
+    from mergearena.evaluation import Task
 
 MAX_UPLOAD_BYTES = 32 * 2**20
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -194,6 +198,20 @@ def get_phase(competition: Competition, name: str | None = None) -> Phase:
     raise NotFoundError(f"{competition.slug} has no phase {name!r}; its phases: {names}")
 
 
+def _load_upload(name: str, content: bytes, sidecar: dict[str, Any] | None = None) -> Task:
+    """An uploaded task file (and its settings) read by the harness, which says what is wrong."""
+    from mergearena.evaluation.tasks import load_settings, load_task
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / f"{name}.csv"
+        path.write_bytes(content)
+        if sidecar is not None:
+            sidecar_path = Path(scratch) / f"{name}.json"
+            sidecar_path.write_text(json.dumps(sidecar))
+            load_settings(sidecar_path)
+        return load_task(path)
+
+
 def add_task(
     session: Session,
     data_dir: Path,
@@ -206,19 +224,11 @@ def add_task(
     refuse it if it cannot be asked as the competition sets (few-shot examples it lacks)."""
     from mergearena.errors import EvaluationError
     from mergearena.evaluation.runner import choose_strategy
-    from mergearena.evaluation.tasks import load_settings, load_task
 
     _check_slug(name)
     if any(t.name == name for t in phase.tasks):
         raise ArenaError(f"phase {phase.name} already has a task {name!r}")
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / f"{name}.csv"
-        path.write_bytes(content)
-        if sidecar is not None:
-            sidecar_path = Path(scratch) / f"{name}.json"
-            sidecar_path.write_text(json.dumps(sidecar))
-            load_settings(sidecar_path)
-        task = load_task(path)
+    task = _load_upload(name, content, sidecar)
     if not task.has_targets:
         raise ArenaError(f"task {name}: every row needs a target; the service keeps them hidden")
     competition = phase.competition
@@ -248,6 +258,23 @@ def add_task(
         targets_public=phase.kind == "validation",
     )
     session.add(record)
+    session.flush()
+    return record
+
+
+def add_calibration(
+    session: Session, data_dir: Path, competition: Competition, name: str, content: bytes
+) -> CalibrationFile:
+    """Give every job of ``competition`` a calibration file (the harness's task format, targets
+    allowed): read-only at ``$MERGEARENA_CALIBRATION/<name>.csv`` in the sandbox, never scored."""
+    _check_slug(name)
+    if any(f.name == name for f in competition.calibration):
+        raise ArenaError(f"competition {competition.slug} already has a calibration file {name!r}")
+    task = _load_upload(name, content)
+    record = CalibrationFile(
+        name=name, sha256=store_blob(data_dir, content), examples=len(task.examples)
+    )
+    competition.calibration.append(record)
     session.flush()
     return record
 

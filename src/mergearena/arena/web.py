@@ -97,6 +97,7 @@ def _competition_json(competition: Competition) -> dict[str, Any]:
         "fewshot": competition.fewshot,
         "cot": competition.cot,
         "board_mode": competition.board_mode,
+        "calibration": [{"name": f.name, "examples": f.examples} for f in competition.calibration],
         "phases": [
             {
                 "name": p.name,
@@ -250,6 +251,21 @@ def create_app(settings: ArenaSettings) -> FastAPI:
         found = service.get_phase(service.get_competition(session, slug), phase)
         task = service.add_task(session, settings.data_dir, found, name, await _read_upload(file))
         return {"name": task.name, "examples": task.examples, "main_metric": task.main_metric}
+
+    @app.post("/api/competitions/{slug}/calibration", status_code=201)
+    async def api_add_calibration(
+        slug: str,
+        request: Request,
+        session: SessionDep,
+        name: Annotated[str, Form()],
+        file: Annotated[UploadFile, File()],
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> dict[str, Any]:
+        check_organizer(request, authorization)
+        competition = service.get_competition(session, slug)
+        content = await _read_upload(file)
+        added = service.add_calibration(session, settings.data_dir, competition, name, content)
+        return {"name": added.name, "examples": added.examples}
 
     @app.post("/api/competitions/{slug}/phases/{phase}/close")
     def api_close_phase(

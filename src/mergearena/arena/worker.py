@@ -124,7 +124,8 @@ def _python_paths() -> list[Path]:
 
 
 def _write_job(settings: WorkerSettings, submission: Submission, root: Path):
-    """Lay out work/ (what the sandbox sees) and targets/ (what only the scorer reads)."""
+    """Lay out work/ (what the sandbox sees and writes), calibration/ (what it reads) and
+    targets/ (what only the scorer reads)."""
     from mergearena.arena.safetar import extract_archive
 
     work, targets = root / "work", root / "targets"
@@ -139,6 +140,14 @@ def _write_job(settings: WorkerSettings, submission: Submission, root: Path):
             for directory in (work / "tasks", targets):
                 (directory / f"{task.name}.json").write_text(task.sidecar)
         task_paths.append(inputs)
+    # The competition's calibration files, beside work/ (which the job may write): the sandbox
+    # binds them read-only.
+    calibration = root / "calibration"
+    calibration.mkdir(mode=0o755)
+    for record in submission.phase.competition.calibration:
+        path = calibration / f"{record.name}.csv"
+        shutil.copyfile(blob_path(settings.data_dir, record.sha256), path)
+        path.chmod(0o444)
     upload = blob_path(settings.data_dir, submission.file_sha256)
     name = submission.file_name
     if submission.kind == "recipe" or name.endswith(".py"):
@@ -164,10 +173,11 @@ def _write_job(settings: WorkerSettings, submission: Submission, root: Path):
         "mc_rule": competition.mc_rule,
         "fewshot": competition.fewshot,
         "cot": competition.cot,
+        "calibration": str(calibration),
     }
     job = work / "job.json"
     job.write_text(json.dumps(spec, indent=2))
-    return job, work, targets
+    return job, work, targets, calibration
 
 
 def build_zoo_experts(allowed_models: Sequence[str]) -> None:
@@ -219,7 +229,7 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
     root = Path(tempfile.mkdtemp(prefix=f"mergearena-job-{submission.id}-", dir=scratch))
     try:
         try:
-            job, work, targets = _write_job(settings, submission, root)
+            job, work, targets, calibration = _write_job(settings, submission, root)
             session.commit()  # hold no transaction open for the length of the run
         except MergeArenaError as error:
             return JobOutcome("failed", str(error), error=str(error))
@@ -241,6 +251,7 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",  # a run killed at the time limit keeps its last lines
             "LANG": "C.UTF-8",
+            "MERGEARENA_CALIBRATION": str(calibration),  # the calibration files, read-only
         }
         for name in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "PYTHONPATH"):
             if name in os.environ:
@@ -253,6 +264,7 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
         allowed_paths = [Path(m) for m in competition.allowed_models if Path(m).is_absolute()]
         readonly = [
             *_python_paths(),
+            calibration,
             mergearena_cache_dir(),
             Path(env["HF_HOME"]),
             *allowed_paths,
