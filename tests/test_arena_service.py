@@ -29,7 +29,7 @@ from mergearena.arena.runner import load_job
 from mergearena.arena.web import ArenaSettings, create_app
 
 ORGANIZER = {"Authorization": "Bearer organizer-secret"}
-HEAD = "0004"  # the schema revision a fresh or upgraded arena database is at
+HEAD = "0005"  # the schema revision a fresh or upgraded arena database is at
 MC_TASK = (
     b"id,input,target,answer_choices,eval_type\n"
     b"1,good film,0,\"['positive', 'negative']\",multiple_choice\n"
@@ -525,6 +525,40 @@ def test_the_efficiency_board_ranks_what_beats_the_baseline_by_its_run_cost(
     assert board["rows"][0]["costs"]["seconds"] == 90.0
     page = client.get("/c/demo").text
     assert 'id="efficiency"' in page and "<td>quick</td>" in page and "1.00" in page
+
+
+def test_finals_rerun_each_teams_chosen_or_best_submission_unchanged(arena, tmp_path: Path) -> None:
+    client, sessions = arena
+    alpha, beta = _team(client, "alpha"), _team(client, "beta")
+    ids = {}
+    for name, headers, average in [("a1", alpha, 0.6), ("a2", alpha, 0.8), ("b1", beta, 0.9)]:
+        content = RECIPE + f"# {name}\n".encode()  # each its own files
+        ids[name] = _submit(client, headers, name, content).json()["id"]
+        _score(sessions, ids[name], average)
+    ids["b2"] = _submit(client, beta, "b2", RECIPE + b"# b2\n").json()["id"]  # not scored yet
+    baseline_id = _baseline(sessions, tmp_path)
+    _score(sessions, baseline_id, 0.3)
+    chosen = client.post("/api/teams/me/final", json={"submission_id": ids["b2"]}, headers=beta)
+    assert chosen.status_code == 200 and chosen.json()["is_final"], chosen.text
+    theirs = client.post("/api/teams/me/final", json={"submission_id": ids["a1"]}, headers=beta)
+    assert theirs.status_code == 404 and "team 'beta' has no submission" in theirs.text
+
+    assert client.post("/api/competitions/demo/finals").status_code in (401, 403)
+    ran = client.post("/api/competitions/demo/finals", headers=ORGANIZER)
+    assert ran.status_code == 200, ran.text
+    queued = ran.json()["queued"]
+    # alpha's best on the public board, beta's choice, and the baseline
+    assert sorted(q["rerun_of"] for q in queued) == sorted([ids["a2"], ids["b2"], baseline_id])
+    with sessions() as session:
+        for run in queued:
+            source = session.get(Submission, run["rerun_of"])
+            assert run["phase"] == "final" and run["status"] == "queued"
+            assert (run["file_sha256"], run["kind"]) == (source.file_sha256, source.kind)
+    again = client.post("/api/competitions/demo/finals", headers=ORGANIZER).json()["queued"]
+    assert again == []  # nothing is rerun twice
+    rerun = queued[0]["id"]
+    refused = client.post("/api/teams/me/final", json={"submission_id": rerun}, headers=alpha)
+    assert refused.status_code in (400, 404)
 
 
 def test_the_final_phase_hides_scores_until_closed(arena) -> None:

@@ -162,6 +162,9 @@ class Submission(Base):
     log: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text)
     disqualified: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The finals: the team's chosen submission, and a final-phase rerun's source submission.
+    is_final: Mapped[bool] = mapped_column(Boolean, default=False)
+    rerun_of: Mapped[int | None] = mapped_column(ForeignKey("submissions.id"))
 
     phase: Mapped[Phase] = relationship()
     team: Mapped[Team] = relationship()

@@ -486,6 +486,70 @@ def rerun(session: Session, submission: Submission) -> None:
     session.flush()
 
 
+def choose_final(session: Session, team: Team, submission_id: int) -> Submission:
+    """A team's choice of the submission whose files, unchanged, the finals run (one per
+    competition; without a choice, its best on the latest public phase it entered runs)."""
+    submission = session.get(Submission, submission_id)
+    if submission is None or submission.team_id != team.id:
+        raise NotFoundError(f"team {team.name!r} has no submission {submission_id}")
+    if submission.phase.kind == "final":
+        raise ArenaError(
+            f"submission {submission_id} is a finals run; choose one of the public phases'"
+        )
+    competition_id = submission.phase.competition_id
+    for other in session.scalars(
+        select(Submission)
+        .join(Phase, Submission.phase_id == Phase.id)
+        .where(Submission.team_id == team.id, Phase.competition_id == competition_id)
+    ):
+        other.is_final = other.id == submission.id
+    session.flush()
+    return submission
+
+
+def run_finals(session: Session, competition: Competition) -> list[Submission]:
+    """Queue, in the final phase, each team's final submission with its files unchanged (its
+    choice, else its best on the latest public phase it entered) and every baseline (organizer
+    action). A submission already rerun there is not queued twice. Scores stay hidden until the
+    organizer closes the phase; a failed rerun shows as failed, its log to its team only."""
+    final = next((p for p in competition.phases if p.kind == "final"), None)
+    if final is None or final.closed:
+        state = "no final phase" if final is None else f"its final phase {final.name} is closed"
+        raise ArenaError(f"competition {competition.slug} has {state}; add an open one first")
+    # One source per team (every baseline is its own entrant, as on a board): its best on the
+    # latest public phase where it has a scored submission.
+    sources: dict[tuple[str, int], int] = {}
+    for phase in reversed([p for p in competition.phases if p.kind != "final"]):
+        for row in leaderboard(session, phase, "best"):
+            sources.setdefault(
+                (row.team, row.submission_id if row.baseline else 0), row.submission_id
+            )
+    chosen = session.scalars(
+        select(Submission)
+        .join(Phase, Submission.phase_id == Phase.id)
+        .where(Phase.competition_id == competition.id, Submission.is_final)
+    )
+    sources.update({(submission.team.name, 0): submission.id for submission in chosen})
+    done = set(session.scalars(select(Submission.rerun_of).where(Submission.phase_id == final.id)))
+    queued = []
+    for source_id in sorted(set(sources.values()) - done):
+        source = session.get(Submission, source_id)
+        assert source is not None
+        rerun = Submission(
+            phase=final,
+            team=source.team,
+            name=source.name,
+            kind=source.kind,
+            file_name=source.file_name,
+            file_sha256=source.file_sha256,
+            rerun_of=source.id,
+        )
+        session.add(rerun)
+        queued.append(rerun)
+    session.flush()
+    return queued
+
+
 def disqualify(session: Session, submission: Submission, disqualified: bool = True) -> None:
     submission.disqualified = disqualified
     session.flush()

@@ -83,6 +83,10 @@ class TeamIn(BaseModel):
     name: str
 
 
+class FinalChoice(BaseModel):
+    submission_id: int  # the team's submission whose files the finals run
+
+
 def _competition_json(competition: Competition) -> dict[str, Any]:
     return {
         "slug": competition.slug,
@@ -129,6 +133,8 @@ def _submission_json(submission: Submission, *, private: bool) -> dict[str, Any]
         "finished_at": submission.finished_at.isoformat() + "Z" if submission.finished_at else None,
         "average": submission.average if visible else None,
         "scores": submission.scores if visible else None,
+        "is_final": submission.is_final,
+        "rerun_of": submission.rerun_of,
     }
     if private:
         data.update(
@@ -267,6 +273,17 @@ def create_app(settings: ArenaSettings) -> FastAPI:
         added = service.add_calibration(session, settings.data_dir, competition, name, content)
         return {"name": added.name, "examples": added.examples}
 
+    @app.post("/api/competitions/{slug}/finals")
+    def api_run_finals(
+        slug: str,
+        request: Request,
+        session: SessionDep,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> dict[str, Any]:
+        check_organizer(request, authorization)
+        queued = service.run_finals(session, service.get_competition(session, slug))
+        return {"queued": [_submission_json(s, private=True) for s in queued]}
+
     @app.post("/api/competitions/{slug}/phases/{phase}/close")
     def api_close_phase(
         slug: str,
@@ -307,6 +324,17 @@ def create_app(settings: ArenaSettings) -> FastAPI:
     ) -> dict[str, Any]:
         team = team_of(session, request, authorization)
         return {"team": team.name, "token": service.rotate_token(session, team)}
+
+    @app.post("/api/teams/me/final")
+    def api_choose_final(
+        request: Request,
+        session: SessionDep,
+        choice: FinalChoice,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> dict[str, Any]:
+        team = team_of(session, request, authorization)
+        chosen = service.choose_final(session, team, choice.submission_id)
+        return _submission_json(chosen, private=True)
 
     @app.post("/api/submissions", status_code=201)
     async def api_submit(
