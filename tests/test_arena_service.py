@@ -525,6 +525,7 @@ def test_the_efficiency_board_ranks_what_beats_the_baseline_by_its_run_cost(
     assert board["rows"][0]["costs"]["seconds"] == 90.0
     page = client.get("/c/demo").text
     assert 'id="efficiency"' in page and "<td>quick</td>" in page and "1.00" in page
+    assert "merged and evaluated within <b>60 min</b>" in page  # the budget the worker enforces
 
 
 def test_finals_rerun_each_teams_chosen_or_best_submission_unchanged(arena, tmp_path: Path) -> None:
