@@ -286,6 +286,32 @@ def test_the_api_is_documented(arena) -> None:
     for path in ("/api/submissions", "/api/leaderboard", "/api/teams", "/api/competitions"):
         assert path in paths
     assert client.get("/docs").status_code == 200
+    # Every JSON route answers with a documented model, not a bare object.
+    for path, methods in paths.items():
+        for method, operation in methods.items():
+            response = operation["responses"].get("200") or operation["responses"]["201"]
+            schema = response["content"]["application/json"]["schema"]
+            assert "$ref" in schema or "$ref" in str(schema.get("items", schema)), (method, path)
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"LeaderboardOut", "PrivateSubmissionOut", "CompetitionOut", "Costs"} <= set(schemas)
+
+
+def test_a_submission_shows_its_log_only_to_its_team_and_the_organizer(arena) -> None:
+    client, sessions = arena
+    headers = _team(client, "alpha")
+    mine = _submit(client, headers).json()["id"]
+    with sessions() as session:
+        session.get(Submission, mine).log = "a secret path"
+        session.commit()
+    for who, sees in (
+        (headers, True),
+        (ORGANIZER, True),
+        (_team(client, "beta"), False),
+        ({}, False),
+    ):
+        shown = client.get(f"/api/submissions/{mine}", headers=who).json()
+        assert ("log" in shown) is sees and ("file_sha256" in shown) is sees, who
+        assert shown["team"] == "alpha" and shown["submitted_at"].endswith("Z")
 
 
 def test_organizer_actions_need_the_organizer_token(arena) -> None:

@@ -1,6 +1,6 @@
 """What the arena does, independent of HTTP: competitions, tasks, teams, submissions, leaderboards.
 
-The web app (``arena/web.py``) and the worker (``arena/worker.py``) call these functions with a
+The web app (``arena/web/``) and the worker (``arena/worker.py``) call these functions with a
 SQLAlchemy session. Every refusal is an ``ArenaError`` whose message says what to do.
 """
 
@@ -162,6 +162,10 @@ def create_competition(session: Session, spec: CompetitionSpec) -> Competition:
     session.add(competition)
     session.flush()
     return competition
+
+
+def competitions(session: Session) -> list[Competition]:
+    return list(session.scalars(select(Competition).order_by(Competition.id)))
 
 
 def get_competition(session: Session, slug: str) -> Competition:
@@ -555,6 +559,20 @@ def disqualify(session: Session, submission: Submission, disqualified: bool = Tr
     session.flush()
 
 
+SUBMISSION_ACTIONS = ("rerun", "disqualify", "requalify")
+
+
+def organize(session: Session, submission: Submission, action: str) -> None:
+    """An organizer's action on a submission, by name (one of ``SUBMISSION_ACTIONS``)."""
+    if action == "rerun":
+        rerun(session, submission)
+    elif action in ("disqualify", "requalify"):
+        disqualify(session, submission, action == "disqualify")
+    else:
+        actions = ", ".join(SUBMISSION_ACTIONS)
+        raise NotFoundError(f"no action {action!r}; use one of {actions}")
+
+
 def team_submissions(session: Session, team: Team) -> list[Submission]:
     return list(
         session.scalars(
@@ -579,19 +597,6 @@ class BoardRow:
     scores: dict[str, float | None]
     submitted_at: dt.datetime
     costs: dict[str, Any]  # what the run cost (the worker's ``_costs``); {} if not recorded
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "submission_id": self.submission_id,
-            "name": self.name,
-            "team": self.team,
-            "baseline": self.baseline,
-            "average": self.average,
-            "scores": self.scores,
-            "submitted_at": self.submitted_at.isoformat() + "Z",
-            "costs": self.costs,
-        }
 
 
 def leaderboard(session: Session, phase: Phase, mode: str | None = None) -> list[BoardRow]:

@@ -1,0 +1,251 @@
+"""The JSON API under ``/api``, in three routers by who may call: anyone, a team (its API token
+as ``Authorization: Bearer``), and the organizer (the organizer token the server started with)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
+
+from mergearena.arena import service
+from mergearena.arena.db import Submission, Team
+from mergearena.arena.web.deps import (
+    ArenaSettings,
+    AuthorizationHeader,
+    OrganizerOnly,
+    SessionDep,
+    SettingsDep,
+    TeamDep,
+    current_team,
+    is_organizer,
+    only_competition,
+    read_upload,
+)
+from mergearena.arena.web.schemas import (
+    BoardRowOut,
+    CalibrationOut,
+    CompetitionOut,
+    LeaderboardOut,
+    MeOut,
+    PrivateSubmissionOut,
+    QueuedOut,
+    RegisteredOut,
+    SubmissionOut,
+    TaskOut,
+    TokenOut,
+    submission_out,
+)
+from mergearena.errors import AuthError, NotFoundError
+
+
+class CompetitionIn(service.CompetitionSpec):
+    phases: list[dict[str, str]] = Field(
+        default_factory=lambda: [
+            {"name": "validation", "kind": "validation"},
+            {"name": "public-test", "kind": "public_test"},
+            {"name": "final", "kind": "final"},
+        ]
+    )
+
+
+class TeamIn(BaseModel):
+    name: str
+
+
+class FinalChoice(BaseModel):
+    submission_id: int  # the team's submission whose files the finals run
+
+
+def get_submission(session: SessionDep, submission_id: int) -> Submission:
+    submission = session.get(Submission, submission_id)
+    if submission is None:
+        raise NotFoundError(f"no submission {submission_id}")
+    return submission
+
+
+async def submit_upload(
+    session: Session,
+    settings: ArenaSettings,
+    team: Team,
+    file: UploadFile,
+    competition: str | None,
+    phase: str | None,
+    name: str | None,
+) -> Submission:
+    """Queue an uploaded file as the team's submission (named after the file by default)."""
+    content = await read_upload(file)
+    found = service.get_phase(only_competition(session, competition), phase)
+    file_name = file.filename or "submission"
+    return service.submit(
+        session, settings.data_dir, team, found, name or file_name, file_name, content
+    )
+
+
+# ------------------------------------------------------------------------------------- anyone
+
+public = APIRouter(prefix="/api", tags=["public"])
+
+
+@public.get("/competitions")
+def list_competitions(session: SessionDep) -> list[CompetitionOut]:
+    return [CompetitionOut.of(c) for c in service.competitions(session)]
+
+
+@public.get("/competitions/{slug}")
+def get_competition(slug: str, session: SessionDep) -> CompetitionOut:
+    return CompetitionOut.of(service.get_competition(session, slug))
+
+
+@public.get("/leaderboard")
+def leaderboard(
+    session: SessionDep,
+    competition: str | None = None,
+    phase: str | None = None,
+    mode: str | None = None,
+) -> LeaderboardOut:
+    found = service.get_phase(only_competition(session, competition), phase)
+    return LeaderboardOut(
+        competition=found.competition.slug,
+        phase=found.name,
+        scores_visible=found.scores_visible,
+        tasks=[t.name for t in found.tasks],
+        rows=[BoardRowOut.of(r) for r in service.leaderboard(session, found, mode)],
+        efficiency=[BoardRowOut.of(r) for r in service.efficiency_board(session, found)],
+    )
+
+
+@public.post("/teams", status_code=201)
+def register(body: TeamIn, session: SessionDep) -> RegisteredOut:
+    team, token = service.register_team(session, body.name)
+    return RegisteredOut(team=team.name, token=token)
+
+
+@public.get("/submissions/{submission_id}")
+def read_submission(
+    submission_id: int,
+    request: Request,
+    session: SessionDep,
+    authorization: AuthorizationHeader = None,
+) -> PrivateSubmissionOut | SubmissionOut:
+    """Its file, attempts and log only for its team and the organizer."""
+    submission = get_submission(session, submission_id)
+    private = is_organizer(request, authorization)
+    if not private:
+        try:
+            private = current_team(request, session, authorization).id == submission.team_id
+        except AuthError:
+            private = False
+    return submission_out(submission, private=private)
+
+
+# ----------------------------------------------------------------------------------- a team
+
+team = APIRouter(prefix="/api", tags=["team"])
+
+
+@team.get("/teams/me")
+def me(me: TeamDep, session: SessionDep) -> MeOut:
+    submissions = service.team_submissions(session, me)
+    return MeOut(team=me.name, submissions=[submission_out(s, private=True) for s in submissions])
+
+
+@team.post("/teams/me/token")
+def rotate_token(me: TeamDep, session: SessionDep) -> TokenOut:
+    return TokenOut(team=me.name, token=service.rotate_token(session, me))
+
+
+@team.post("/teams/me/final")
+def choose_final(me: TeamDep, session: SessionDep, choice: FinalChoice) -> PrivateSubmissionOut:
+    chosen = service.choose_final(session, me, choice.submission_id)
+    return submission_out(chosen, private=True)
+
+
+@team.post("/submissions", status_code=201)
+async def submit(
+    me: TeamDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File()],
+    name: Annotated[str | None, Form()] = None,
+    competition: Annotated[str | None, Form()] = None,
+    phase: Annotated[str | None, Form()] = None,
+) -> PrivateSubmissionOut:
+    submission = await submit_upload(session, settings, me, file, competition, phase, name)
+    return submission_out(submission, private=True)
+
+
+# ---------------------------------------------------------------------------- the organizer
+
+organizer = APIRouter(prefix="/api", tags=["organizer"], dependencies=OrganizerOnly)
+
+
+@organizer.post("/competitions", status_code=201)
+def create_competition(body: CompetitionIn, session: SessionDep) -> CompetitionOut:
+    spec = service.CompetitionSpec(**body.model_dump(exclude={"phases"}))
+    competition = service.create_competition(session, spec)
+    for phase in body.phases:
+        service.add_phase(session, competition, phase["name"], phase["kind"])
+    return CompetitionOut.of(competition)
+
+
+@organizer.post("/competitions/{slug}/phases", status_code=201)
+def add_phase(
+    slug: str,
+    session: SessionDep,
+    name: Annotated[str, Form()],
+    kind: Annotated[str, Form()],
+) -> CompetitionOut:
+    competition = service.get_competition(session, slug)
+    service.add_phase(session, competition, name, kind)
+    return CompetitionOut.of(competition)
+
+
+@organizer.post("/competitions/{slug}/phases/{phase}/tasks", status_code=201)
+async def add_task(
+    slug: str,
+    phase: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    name: Annotated[str, Form()],
+    file: Annotated[UploadFile, File()],
+) -> TaskOut:
+    found = service.get_phase(service.get_competition(session, slug), phase)
+    task = service.add_task(session, settings.data_dir, found, name, await read_upload(file))
+    return TaskOut(name=task.name, examples=task.examples, main_metric=task.main_metric)
+
+
+@organizer.post("/competitions/{slug}/calibration", status_code=201)
+async def add_calibration(
+    slug: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    name: Annotated[str, Form()],
+    file: Annotated[UploadFile, File()],
+) -> CalibrationOut:
+    competition = service.get_competition(session, slug)
+    content = await read_upload(file)
+    added = service.add_calibration(session, settings.data_dir, competition, name, content)
+    return CalibrationOut(name=added.name, examples=added.examples)
+
+
+@organizer.post("/competitions/{slug}/finals")
+def run_finals(slug: str, session: SessionDep) -> QueuedOut:
+    queued = service.run_finals(session, service.get_competition(session, slug))
+    return QueuedOut(queued=[submission_out(s, private=True) for s in queued])
+
+
+@organizer.post("/competitions/{slug}/phases/{phase}/close")
+def close_phase(slug: str, phase: str, session: SessionDep) -> CompetitionOut:
+    competition = service.get_competition(session, slug)
+    service.close_phase(session, service.get_phase(competition, phase))
+    return CompetitionOut.of(competition)
+
+
+@organizer.post("/submissions/{submission_id}/{action}")
+def organize(submission_id: int, action: str, session: SessionDep) -> PrivateSubmissionOut:
+    """``rerun``, ``disqualify`` or ``requalify`` a submission."""
+    submission = get_submission(session, submission_id)
+    service.organize(session, submission, action)
+    return submission_out(submission, private=True)

@@ -1,0 +1,268 @@
+"""The server-rendered pages: leaderboards, the submission form, the team's and the organizer's
+pages. They call the same service code as the API. Jinja2 escapes every value it renders, so
+team names, submission names and logs are shown as text; no page needs JavaScript."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
+
+from mergearena.arena import service
+from mergearena.arena.db import BOARD_MODES, PHASE_KINDS, Phase, Submission, Team
+from mergearena.arena.web.api import get_submission, submit_upload
+from mergearena.arena.web.deps import (
+    ORGANIZER_COOKIE,
+    TEAM_COOKIE,
+    OrganizerOnly,
+    SessionDep,
+    SettingsDep,
+    is_organizer,
+    read_upload,
+)
+from mergearena.errors import ArenaError, NotFoundError
+from mergearena.evaluation.tasks import MC_RULES
+
+templates = Jinja2Templates(directory=str(Path(__file__).parent.with_name("templates")))
+COT_EXAMPLE = '{"max_new_tokens": 256, "fallbacks": ["answer-colon"]}'
+# How each multiple-choice rule asks, for the competition page (evaluation/strategies.py).
+MC_RULE_NOTES = {
+    "loglik": "the choice whose tokens the model finds most likely after the question",
+    "starter-kit": "the starter kit's own rule: each choice's tokens after its first scored",
+    "letter": "the options lettered A, B, C...; the letter the model finds most likely",
+    "cot": "the options lettered; the model reasons step by step, then its answer letter is "
+    "read from the text, and a reasoning without one counts wrong",
+}
+
+
+def page(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def _keep_cookie(response: HTMLResponse, name: str, token: str) -> None:
+    response.set_cookie(name, token.strip(), httponly=True, samesite="strict")
+
+
+def _to_admin() -> RedirectResponse:
+    return RedirectResponse("/admin", status_code=303)
+
+
+# ------------------------------------------------------------------------- anyone and teams
+
+pages = APIRouter(include_in_schema=False)
+
+
+@pages.get("/", response_class=HTMLResponse)
+def index(request: Request, session: SessionDep) -> HTMLResponse:
+    return page(request, "index.html", competitions=service.competitions(session))
+
+
+@pages.get("/c/{slug}", response_class=HTMLResponse)
+def board(
+    slug: str, request: Request, session: SessionDep, phase: str | None = None
+) -> HTMLResponse:
+    competition = service.get_competition(session, slug)
+    found = service.get_phase(competition, phase)
+    return page(
+        request,
+        "leaderboard.html",
+        competition=competition,
+        phase=found,
+        rows=service.leaderboard(session, found),
+        efficiency=service.efficiency_board(session, found),
+        mc_rule_note=MC_RULE_NOTES.get(competition.mc_rule, ""),
+    )
+
+
+@pages.get("/submit", response_class=HTMLResponse)
+def submit_form(request: Request, session: SessionDep) -> HTMLResponse:
+    return page(request, "submit.html", competitions=service.competitions(session))
+
+
+@pages.post("/submit", response_class=HTMLResponse)
+async def submit(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File()],
+    competition: Annotated[str, Form()],
+    token: Annotated[str, Form()] = "",
+    name: Annotated[str, Form()] = "",
+    phase: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    team = service.team_for_token(session, token or request.cookies.get(TEAM_COOKIE))
+    submission = await submit_upload(
+        session, settings, team, file, competition, phase or None, name or None
+    )
+    response = page(request, "submitted.html", submission=submission)
+    if token:
+        _keep_cookie(response, TEAM_COOKIE, token)
+    return response
+
+
+@pages.get("/register", response_class=HTMLResponse)
+def register_form(request: Request) -> HTMLResponse:
+    return page(request, "register.html", token=None)
+
+
+@pages.post("/register", response_class=HTMLResponse)
+def register(request: Request, session: SessionDep, name: Annotated[str, Form()]) -> HTMLResponse:
+    team, token = service.register_team(session, name)
+    response = page(request, "register.html", team=team, token=token)
+    _keep_cookie(response, TEAM_COOKIE, token)
+    return response
+
+
+def _team_page(
+    request: Request, session: SessionDep, team: Team, token: str | None = None
+) -> HTMLResponse:
+    submissions = service.team_submissions(session, team)
+    return page(request, "team.html", team=team, submissions=submissions, token=token)
+
+
+@pages.get("/team", response_class=HTMLResponse)
+def team(request: Request, session: SessionDep) -> HTMLResponse:
+    token = request.cookies.get(TEAM_COOKIE)
+    if not token:
+        return page(request, "login.html", action="/team", who="team")
+    return _team_page(request, session, service.team_for_token(session, token))
+
+
+@pages.post("/team", response_class=HTMLResponse)
+def team_login(
+    request: Request, session: SessionDep, token: Annotated[str, Form()]
+) -> RedirectResponse:
+    service.team_for_token(session, token)
+    response = RedirectResponse("/team", status_code=303)
+    _keep_cookie(response, TEAM_COOKIE, token)
+    return response
+
+
+@pages.post("/team/rotate", response_class=HTMLResponse)
+def team_rotate(request: Request, session: SessionDep) -> HTMLResponse:
+    team = service.team_for_token(session, request.cookies.get(TEAM_COOKIE))
+    token = service.rotate_token(session, team)
+    response = _team_page(request, session, team, token)
+    _keep_cookie(response, TEAM_COOKIE, token)
+    return response
+
+
+# ---------------------------------------------------------------------------- the organizer
+
+admin = APIRouter(prefix="/admin", include_in_schema=False)
+admin_actions = APIRouter(prefix="/admin", include_in_schema=False, dependencies=OrganizerOnly)
+
+
+@admin.get("", response_class=HTMLResponse)
+def admin_page(request: Request, session: SessionDep) -> HTMLResponse:
+    if not is_organizer(request):
+        return page(request, "login.html", action="/admin", who="organizer")
+    submissions = session.scalars(select(Submission).order_by(Submission.id.desc()).limit(200))
+    return page(
+        request,
+        "admin.html",
+        competitions=service.competitions(session),
+        submissions=submissions.all(),
+        phase_kinds=PHASE_KINDS,
+        board_modes=BOARD_MODES,
+        mc_rules=MC_RULES,
+    )
+
+
+@admin.post("")
+def admin_login(token: Annotated[str, Form()]) -> RedirectResponse:
+    response = _to_admin()
+    _keep_cookie(response, ORGANIZER_COOKIE, token)
+    return response
+
+
+@admin_actions.post("/competitions")
+def new_competition(
+    session: SessionDep,
+    slug: Annotated[str, Form()],
+    name: Annotated[str, Form()],
+    rules: Annotated[str, Form()] = "",
+    allowed_models: Annotated[str, Form()] = "",
+    daily_submissions: Annotated[int, Form()] = 1,
+    time_limit_seconds: Annotated[int, Form()] = 3600,
+    max_parameters_billions: Annotated[float | None, Form()] = None,  # empty: no limit
+    memory_limit_gib: Annotated[float | None, Form()] = None,
+    mc_rule: Annotated[str, Form()] = "loglik",
+    fewshot: Annotated[int | None, Form()] = None,  # empty: each task's own
+    cot: Annotated[str, Form()] = "",  # a JSON object of CotSettings keys; empty: the tasks'
+    board_mode: Annotated[str, Form()] = "best",
+    allow_unsandboxed: Annotated[bool, Form()] = False,
+) -> RedirectResponse:
+    try:
+        cot_settings = json.loads(cot) if cot.strip() else None
+    except json.JSONDecodeError as error:
+        raise ArenaError(f"cot: not JSON ({error}); write e.g. {COT_EXAMPLE}") from None
+    if cot_settings is not None and not isinstance(cot_settings, dict):
+        raise ArenaError(f"cot: a JSON object of settings is needed, e.g. {COT_EXAMPLE}")
+    competition = service.create_competition(
+        session,
+        service.CompetitionSpec(
+            slug=slug,
+            name=name,
+            rules=rules,
+            allowed_models=allowed_models.split(),
+            daily_submissions=daily_submissions,
+            time_limit_seconds=time_limit_seconds,
+            max_parameters=(
+                None if max_parameters_billions is None else int(max_parameters_billions * 1e9)
+            ),
+            memory_limit_bytes=None if memory_limit_gib is None else int(memory_limit_gib * 2**30),
+            mc_rule=mc_rule,
+            fewshot=fewshot,
+            cot=cot_settings,
+            board_mode=board_mode,
+            allow_unsandboxed=allow_unsandboxed,
+        ),
+    )
+    service.add_phase(session, competition, "validation", "validation")
+    return _to_admin()
+
+
+@admin_actions.post("/phases")
+def new_phase(
+    session: SessionDep,
+    competition: Annotated[str, Form()],
+    name: Annotated[str, Form()],
+    kind: Annotated[str, Form()],
+) -> RedirectResponse:
+    service.add_phase(session, service.get_competition(session, competition), name, kind)
+    return _to_admin()
+
+
+@admin_actions.post("/tasks")
+async def new_task(
+    session: SessionDep,
+    settings: SettingsDep,
+    competition: Annotated[str, Form()],
+    phase: Annotated[str, Form()],
+    name: Annotated[str, Form()],
+    file: Annotated[UploadFile, File()],
+) -> RedirectResponse:
+    found = service.get_phase(service.get_competition(session, competition), phase)
+    service.add_task(session, settings.data_dir, found, name, await read_upload(file))
+    return _to_admin()
+
+
+@admin_actions.post("/phases/{phase_id}/close")
+def close(phase_id: int, session: SessionDep) -> RedirectResponse:
+    found = session.get(Phase, phase_id)
+    if found is None:
+        raise NotFoundError(f"no phase {phase_id}")
+    service.close_phase(session, found)
+    return _to_admin()
+
+
+@admin_actions.post("/submissions/{submission_id}/{action}")
+def organize(submission_id: int, action: str, session: SessionDep) -> RedirectResponse:
+    service.organize(session, get_submission(session, submission_id), action)
+    return _to_admin()

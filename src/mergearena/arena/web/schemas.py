@@ -1,0 +1,198 @@
+"""What the JSON API returns: one pydantic model per shape, so ``/docs`` shows every schema and a
+response can never carry a field its model does not name (a private log in a public view)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, PlainSerializer
+
+from mergearena.arena import service
+from mergearena.arena.db import Competition, Submission
+
+# The database keeps naive UTC; the API says so ("...Z").
+UtcTime = Annotated[
+    dt.datetime, PlainSerializer(lambda value: value.isoformat() + "Z", return_type=str)
+]
+
+
+class TaskOut(BaseModel):
+    name: str
+    examples: int
+    main_metric: str
+
+
+class CalibrationOut(BaseModel):
+    name: str  # read in a job at $MERGEARENA_CALIBRATION/<name>.csv
+    examples: int
+
+
+class PhaseOut(BaseModel):
+    name: str
+    kind: str
+    closed: bool
+    scores_visible: bool
+    tasks: list[TaskOut]
+
+
+class CompetitionOut(BaseModel):
+    slug: str
+    name: str
+    rules: str
+    allowed_models: list[str]
+    max_parameters: int | None
+    time_limit_seconds: int
+    memory_limit_bytes: int | None
+    daily_submissions: int
+    mc_rule: str
+    fewshot: int | None
+    cot: dict[str, Any] | None
+    board_mode: str
+    calibration: list[CalibrationOut]
+    phases: list[PhaseOut]
+
+    @classmethod
+    def of(cls, competition: Competition) -> CompetitionOut:
+        return cls(
+            **{name: getattr(competition, name) for name in _COMPETITION_FIELDS},
+            calibration=[
+                CalibrationOut(name=f.name, examples=f.examples) for f in competition.calibration
+            ],
+            phases=[
+                PhaseOut(
+                    name=p.name,
+                    kind=p.kind,
+                    closed=p.closed,
+                    scores_visible=p.scores_visible,
+                    tasks=[
+                        TaskOut(name=t.name, examples=t.examples, main_metric=t.main_metric)
+                        for t in p.tasks
+                    ],
+                )
+                for p in competition.phases
+            ],
+        )
+
+
+_COMPETITION_FIELDS = set(CompetitionOut.model_fields) - {"calibration", "phases"}
+
+
+class Costs(BaseModel):
+    """What a run cost: measured by the worker outside the sandbox (``seconds``, ``gpu_seconds``,
+    ``peak_rss_bytes``) or reported by the run itself (the rest). Absent: not recorded."""
+
+    seconds: float | None = None  # merge and inference together
+    gpu_seconds: float | None = None
+    peak_rss_bytes: int | None = None  # of the run's largest process
+    merge_seconds: float | None = None
+    parameters: int | None = None  # of the merged model
+    peak_gpu_bytes: int | None = None
+
+
+class SubmissionOut(BaseModel):
+    """A submission as anyone may see it; scores only where its phase shows them."""
+
+    id: int
+    name: str
+    team: str
+    competition: str
+    phase: str
+    kind: str
+    status: str
+    disqualified: bool
+    submitted_at: UtcTime
+    finished_at: UtcTime | None
+    average: float | None
+    scores: dict[str, Any] | None
+    is_final: bool
+    rerun_of: int | None
+
+
+class PrivateSubmissionOut(SubmissionOut):
+    """A submission as its team and the organizer see it: its file, attempts and log too."""
+
+    file_name: str
+    file_sha256: str
+    attempts: int
+    error: str | None
+    log: str
+
+
+def submission_out(submission: Submission, *, private: bool) -> SubmissionOut:
+    visible = submission.phase.scores_visible
+    public = dict(
+        id=submission.id,
+        name=submission.name,
+        team=submission.team.name,
+        competition=submission.phase.competition.slug,
+        phase=submission.phase.name,
+        kind=submission.kind,
+        status=submission.status,
+        disqualified=submission.disqualified,
+        submitted_at=submission.created_at,
+        finished_at=submission.finished_at,
+        average=submission.average if visible else None,
+        scores=submission.scores if visible else None,
+        is_final=submission.is_final,
+        rerun_of=submission.rerun_of,
+    )
+    if not private:
+        return SubmissionOut(**public)
+    return PrivateSubmissionOut(
+        **public,
+        file_name=submission.file_name,
+        file_sha256=submission.file_sha256,
+        attempts=submission.attempts,
+        error=submission.error,
+        log=submission.log,
+    )
+
+
+class BoardRowOut(BaseModel):
+    rank: int | None  # None while the phase hides scores
+    submission_id: int
+    name: str
+    team: str
+    baseline: bool
+    average: float | None  # None while the phase hides scores
+    scores: dict[str, float | None]
+    submitted_at: UtcTime
+    costs: Costs
+
+    @classmethod
+    def of(cls, row: service.BoardRow) -> BoardRowOut:
+        known = {k: v for k, v in row.costs.items() if k in Costs.model_fields}
+        return cls(**{**vars(row), "costs": Costs(**known)})
+
+
+class LeaderboardOut(BaseModel):
+    competition: str
+    phase: str
+    scores_visible: bool
+    tasks: list[str]
+    rows: list[BoardRowOut]
+    efficiency: list[BoardRowOut] = Field(
+        description="the efficiency track: each team's best submission that beats every "
+        "baseline, cheapest run first"
+    )
+
+
+class RegisteredOut(BaseModel):
+    team: str
+    token: str
+    note: str = "the token is shown only once"
+
+
+class TokenOut(BaseModel):
+    team: str
+    token: str
+
+
+class MeOut(BaseModel):
+    team: str
+    submissions: list[PrivateSubmissionOut]
+
+
+class QueuedOut(BaseModel):
+    queued: list[PrivateSubmissionOut]
