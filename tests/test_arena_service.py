@@ -29,7 +29,7 @@ from mergearena.arena.runner import load_job
 from mergearena.arena.web import ArenaSettings, create_app
 
 ORGANIZER = {"Authorization": "Bearer organizer-secret"}
-HEAD = "0005"  # the schema revision a fresh or upgraded arena database is at
+HEAD = "0006"  # the schema revision a fresh or upgraded arena database is at
 MC_TASK = (
     b"id,input,target,answer_choices,eval_type\n"
     b"1,good film,0,\"['positive', 'negative']\",multiple_choice\n"
@@ -610,6 +610,156 @@ def test_rerun_queues_a_submission_again(arena) -> None:
     _score(sessions, mine, 0.7)
     response = client.post(f"/api/submissions/{mine}/rerun", headers=ORGANIZER)
     assert response.json()["status"] == "queued" and response.json()["average"] is None
+
+
+WRITEUP = b"""# Soup, then *search*
+
+<script>alert(1)</script> <img src=x onerror=alert(2)>
+[click](javascript:alert(3)) and [the kit](https://github.com/llm-merging/LLM-Merging)
+"""
+
+
+def _attach(client: TestClient, headers: dict, submission_id: int, name: str, content: bytes):
+    return client.post(
+        f"/api/submissions/{submission_id}/writeup",
+        files={"file": (name, content)},
+        headers=headers,
+    )
+
+
+def test_a_writeup_is_rendered_without_scripts_and_is_public_once_it_wins(arena) -> None:
+    client, _ = arena
+    alpha = _team(client, "alpha")
+    mine = _submit(client, alpha).json()["id"]
+    attached = _attach(client, alpha, mine, "how.md", WRITEUP)
+    assert attached.status_code == 201, attached.text
+    assert attached.json()["title"] == "Soup, then search"
+    assert attached.json()["format"] == "markdown"
+    url = attached.json()["url"]
+    # Before it wins, only its team and the organizer see it; to others it does not exist.
+    client.cookies.set("mergearena_team", _team(client, "beta")["Authorization"].split()[1])
+    assert client.get(url).status_code == 404
+    client.cookies.set("mergearena_team", alpha["Authorization"].split()[1])
+    shown = client.get(url)
+    assert shown.status_code == 200
+    assert "<script>" not in shown.text and "<img src=x" not in shown.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in shown.text
+    assert 'href="javascript:' not in shown.text
+    assert '<a href="https://github.com/llm-merging/LLM-Merging">the kit</a>' in shown.text
+    assert "script-src" not in shown.headers["content-security-policy"]  # default-src 'none'
+    assert "default-src 'none'" in shown.headers["content-security-policy"]
+    client.cookies.clear()
+    marked = client.post(
+        "/api/competitions/demo/winners",
+        json={"track": "creative", "submission_id": mine},
+        headers=ORGANIZER,
+    )
+    assert marked.status_code == 200, marked.text
+    creative = marked.json()["tracks"]["creative"]
+    assert [(w["place"], w["submission"]["team"], w["writeup"]["url"]) for w in creative] == [
+        (1, "alpha", url)
+    ]
+    assert "log" not in creative[0]["submission"]  # the public view of a winner
+    assert client.get(url).status_code == 200  # now anyone reads it
+    winners_page = client.get("/c/demo/winners").text
+    assert "Soup, then search" in winners_page and f'href="{url}"' in winners_page
+
+
+def test_a_pdf_writeup_is_a_sandboxed_download(arena) -> None:
+    client, _ = arena
+    alpha = _team(client, "alpha")
+    mine = _submit(client, alpha).json()["id"]
+    pdf = b"%PDF-1.7\n% a write-up\n%%EOF\n"
+    assert _attach(client, alpha, mine, "report.PDF", pdf).json()["format"] == "pdf"
+    client.cookies.set("mergearena_team", alpha["Authorization"].split()[1])
+    served = client.get(f"/writeups/{mine}")
+    assert served.content == pdf and served.headers["content-type"] == "application/pdf"
+    assert served.headers["content-disposition"].startswith("attachment")
+    assert served.headers["content-security-policy"] == "sandbox"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "refused"),
+    [
+        ("notes.txt", b"# hi", "Markdown or PDF"),
+        ("report.pdf", b"<html>not a pdf", "does not start like a PDF"),
+        ("how.md", b"# fine\n\xff\xfe", "byte 0xff on line 2"),
+        ("how.md", b"  \n", "is empty"),
+        ("how.md", b"#" * 5000, "at most 4000 are accepted"),
+    ],
+)
+def test_a_writeup_that_is_not_one_is_refused(arena, monkeypatch, name, content, refused) -> None:
+    from mergearena.arena import writeups
+
+    monkeypatch.setattr(writeups, "MAX_WRITEUP_BYTES", 4000)
+    client, _ = arena
+    alpha = _team(client, "alpha")
+    mine = _submit(client, alpha).json()["id"]
+    response = _attach(client, alpha, mine, name, content)
+    assert response.status_code == 400 and refused in response.json()["detail"], response.text
+    other = _attach(client, _team(client, "beta"), mine, "how.md", WRITEUP)
+    assert other.status_code == 404 and "has no submission" in other.json()["detail"]
+
+
+def test_winners_are_marked_per_track_by_the_organizer_only(arena, tmp_path: Path) -> None:
+    client, sessions = arena
+    alpha = _team(client, "alpha")
+    mine = _submit(client, alpha).json()["id"]
+    baseline = _baseline(sessions, tmp_path)
+
+    def mark(body: dict, headers: dict = ORGANIZER):
+        return client.post("/api/competitions/demo/winners", json=body, headers=headers)
+
+    assert mark({"track": "performance", "submission_id": mine}, alpha).status_code == 401
+    for body, refused in (
+        ({"track": "creative", "submission_id": mine}, "has no write-up"),
+        ({"track": "speed", "submission_id": mine}, "not one of performance"),
+        ({"track": "performance", "submission_id": baseline}, "baseline"),
+        ({"track": "performance", "submission_id": mine, "place": 0}, "place must be"),
+        ({"track": "performance", "submission_id": 999}, "has no submission 999"),
+    ):
+        response = mark(body)
+        assert response.status_code in (400, 404) and refused in response.json()["detail"], body
+    mark({"track": "performance", "submission_id": mine, "place": 2})
+    tracks = mark({"track": "efficiency", "submission_id": mine}).json()["tracks"]
+    assert [w["place"] for w in tracks["performance"]] == [2] and tracks["creative"] == []
+    again = mark({"track": "performance", "submission_id": mine, "place": 1}).json()
+    assert [w["place"] for w in again["tracks"]["performance"]] == [1]  # moved, not doubled
+    removed = client.delete(f"/api/competitions/demo/winners/performance/{mine}", headers=ORGANIZER)
+    assert removed.json()["tracks"]["performance"] == []
+    assert client.get("/api/competitions/demo/winners").json() == removed.json()
+
+
+def test_the_competition_page_draws_progress_and_spread_without_scripts(arena, tmp_path) -> None:
+    import re
+    import xml.etree.ElementTree as ET
+
+    client, sessions = arena
+    start = dt.datetime(2026, 11, 1)
+    _score(sessions, _baseline(sessions, tmp_path), 0.5, start)
+    for team, averages in (("alpha", (0.4, 0.7, 0.6)), ("<b>beta</b>", (0.55,))):
+        headers = _team(client, team)
+        for hour, average in enumerate(averages):
+            mine = _submit(client, headers, f"{team}{hour}", RECIPE + f"#{hour}".encode())
+            _score(sessions, mine.json()["id"], average, start + dt.timedelta(hours=hour + 1))
+    page = client.get("/c/demo")
+    svgs = {
+        figure: ET.fromstring(re.search(rf'<figure id="{figure}">(<svg.*?</svg>)', page.text)[1])
+        for figure in ("progress", "distribution")
+    }  # well-formed XML: every name in them escaped
+    ns = "{http://www.w3.org/2000/svg}"
+    legend = [t.text for t in svgs["progress"].iter(f"{ns}text") if t.get("font-size") == "12"]
+    assert legend == ["alpha 70.0", "<b>beta</b> 55.0", "organizers 50.0 (baseline)"]
+    steps = [p.get("d") for p in svgs["progress"].iter(f"{ns}path")]
+    assert steps[0].count("V") == 1  # alpha: 40 then 70; its later 60 is no new best
+    bars = [r.find(f"{ns}title").text for r in svgs["distribution"].iter(f"{ns}rect")]
+    assert "55–60: 1 team(s)" in bars and "70–75: 1 team(s)" in bars
+    assert "50–55: 0 team(s)" in bars  # the baseline is a dashed line, not a team
+    assert "<script" not in page.text
+    # While a phase hides its scores, so do its charts.
+    hidden = _submit(client, _team(client, "gamma"), phase="final").json()["id"]
+    _score(sessions, hidden, 0.9)
+    assert "<svg" not in client.get("/c/demo", params={"phase": "final"}).text
 
 
 def test_untrusted_names_are_escaped_on_every_page(arena) -> None:

@@ -32,6 +32,7 @@ PHASE_KINDS = ("validation", "public_test", "final")
 SUBMISSION_KINDS = ("recipe", "code", "routed")
 STATUSES = ("queued", "running", "scored", "failed", "timed_out")
 BOARD_MODES = ("best", "latest")
+TRACKS = ("performance", "efficiency", "creative")  # the competition's three prize tracks
 
 
 def utcnow() -> dt.datetime:
@@ -168,6 +169,41 @@ class Submission(Base):
 
     phase: Mapped[Phase] = relationship()
     team: Mapped[Team] = relationship()
+    writeup: Mapped[Writeup | None] = relationship(back_populates="submission")
+
+
+class Writeup(Base):
+    """A team's write-up of a submission (Markdown or PDF, ``arena/writeups.py``), stored as a
+    blob; public once the submission wins a track, else for its team and the organizer."""
+
+    __tablename__ = "writeups"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"), unique=True)
+    format: Mapped[str] = mapped_column(String(16))  # one of writeups.FORMATS
+    file_name: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    title: Mapped[str | None] = mapped_column(String(200))  # a Markdown write-up's first heading
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    submission: Mapped[Submission] = relationship(back_populates="writeup")
+
+
+class Award(Base):
+    """A winner the organizer marked: a submission's place in one of a competition's tracks."""
+
+    __tablename__ = "awards"
+    __table_args__ = (UniqueConstraint("competition_id", "track", "submission_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    competition_id: Mapped[int] = mapped_column(ForeignKey("competitions.id"), index=True)
+    track: Mapped[str] = mapped_column(String(16))  # one of TRACKS
+    place: Mapped[int] = mapped_column(Integer, default=1)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    submission: Mapped[Submission] = relationship()
 
 
 def default_database_url(data_dir: Path) -> str:

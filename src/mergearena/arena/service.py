@@ -24,12 +24,15 @@ from sqlalchemy.orm import Session
 from mergearena.arena.db import (
     BOARD_MODES,
     PHASE_KINDS,
+    TRACKS,
+    Award,
     CalibrationFile,
     Competition,
     Phase,
     PhaseTask,
     Submission,
     Team,
+    Writeup,
     utcnow,
 )
 from mergearena.checkpoints.writer import write_atomic
@@ -490,12 +493,17 @@ def rerun(session: Session, submission: Submission) -> None:
     session.flush()
 
 
-def choose_final(session: Session, team: Team, submission_id: int) -> Submission:
-    """A team's choice of the submission whose files, unchanged, the finals run (one per
-    competition; without a choice, its best on the latest public phase it entered runs)."""
+def _own_submission(session: Session, team: Team, submission_id: int) -> Submission:
     submission = session.get(Submission, submission_id)
     if submission is None or submission.team_id != team.id:
         raise NotFoundError(f"team {team.name!r} has no submission {submission_id}")
+    return submission
+
+
+def choose_final(session: Session, team: Team, submission_id: int) -> Submission:
+    """A team's choice of the submission whose files, unchanged, the finals run (one per
+    competition; without a choice, its best on the latest public phase it entered runs)."""
+    submission = _own_submission(session, team, submission_id)
     if submission.phase.kind == "final":
         raise ArenaError(
             f"submission {submission_id} is a finals run; choose one of the public phases'"
@@ -571,6 +579,103 @@ def organize(session: Session, submission: Submission, action: str) -> None:
     else:
         actions = ", ".join(SUBMISSION_ACTIONS)
         raise NotFoundError(f"no action {action!r}; use one of {actions}")
+
+
+# ------------------------------------------------------------------------ write-ups and winners
+
+
+def attach_writeup(
+    session: Session,
+    data_dir: Path,
+    team: Team,
+    submission_id: int,
+    file_name: str,
+    content: bytes,
+) -> Writeup:
+    """Attach (or replace) the write-up of one of the team's submissions: Markdown or PDF,
+    checked by ``arena/writeups.py``. It is public once the submission wins a track."""
+    from mergearena.arena.writeups import check_writeup
+
+    submission = _own_submission(session, team, submission_id)
+    checked = check_writeup(file_name, content)
+    writeup = submission.writeup
+    if writeup is None:
+        writeup = Writeup()
+        submission.writeup = writeup
+    writeup.format, writeup.title = checked.format, checked.title
+    writeup.file_name = _check_name("file name", file_name, 255)
+    writeup.sha256, writeup.size_bytes = store_blob(data_dir, content), len(content)
+    writeup.created_at = utcnow()
+    session.flush()
+    return writeup
+
+
+def is_awarded(session: Session, submission_id: int) -> bool:
+    return session.scalar(select(Award.id).where(Award.submission_id == submission_id)) is not None
+
+
+def _award(
+    session: Session, competition: Competition, track: str, submission_id: int
+) -> Award | None:
+    return session.scalar(
+        select(Award).where(
+            Award.competition_id == competition.id,
+            Award.track == track,
+            Award.submission_id == submission_id,
+        )
+    )
+
+
+def mark_winner(
+    session: Session, competition: Competition, track: str, submission_id: int, place: int = 1
+) -> Award:
+    """Mark a submission as a winner of one of the competition's tracks (organizer action); its
+    write-up becomes public. Marking it again sets its place."""
+    if track not in TRACKS:
+        raise ArenaError(f"track {track!r} is not one of {', '.join(TRACKS)}")
+    if place < 1:
+        raise ArenaError(f"place must be 1 or more, got {place}")
+    submission = session.get(Submission, submission_id)
+    if submission is None or submission.phase.competition_id != competition.id:
+        raise NotFoundError(f"competition {competition.slug} has no submission {submission_id}")
+    if submission.team.is_baseline:
+        raise ArenaError(f"submission {submission_id} is the organizer's baseline, not an entry")
+    if track == "creative" and submission.writeup is None:
+        raise ArenaError(
+            f"submission {submission_id} has no write-up; the creative track judges write-ups: "
+            "its team attaches one first"
+        )
+    award = _award(session, competition, track, submission_id)
+    if award is None:
+        award = Award(competition_id=competition.id, track=track, submission=submission)
+        session.add(award)
+    award.place = place
+    session.flush()
+    return award
+
+
+def unmark_winner(
+    session: Session, competition: Competition, track: str, submission_id: int
+) -> None:
+    award = _award(session, competition, track, submission_id)
+    if award is None:
+        raise NotFoundError(f"submission {submission_id} is not a winner of the {track} track")
+    session.delete(award)
+    session.flush()
+
+
+def winners(session: Session, competition: Competition) -> dict[str, list[Award]]:
+    """Every track's winners by place (then by when they were marked); a track without winners
+    has an empty list."""
+    awards = session.scalars(
+        select(Award)
+        .where(Award.competition_id == competition.id)
+        .order_by(Award.place, Award.created_at, Award.id)
+    )
+    by_track: dict[str, list[Award]] = {track: [] for track in TRACKS}
+    for award in awards:
+        by_track[award.track].append(award)
+    return by_track
 
 
 def team_submissions(session: Session, team: Team) -> list[Submission]:
@@ -656,6 +761,25 @@ def leaderboard(session: Session, phase: Phase, mode: str | None = None) -> list
         )
         for rank, s in enumerate(ranked, start=1)
     ]
+
+
+def score_history(session: Session, phase: Phase) -> list[tuple[str, bool, dt.datetime, float]]:
+    """Every scored, qualified submission of the phase as (team, is baseline, submitted at,
+    average), oldest first, for the progress chart; empty while the phase hides scores."""
+    if not phase.scores_visible:
+        return []
+    rows = session.execute(
+        select(Team.name, Team.is_baseline, Submission.created_at, Submission.average)
+        .join(Team, Submission.team_id == Team.id)
+        .where(
+            Submission.phase_id == phase.id,
+            Submission.status == "scored",
+            Submission.disqualified.is_(False),
+            Submission.average.is_not(None),
+        )
+        .order_by(Submission.created_at, Submission.id)
+    )
+    return [(r.name, r.is_baseline, r.created_at, r.average) for r in rows]
 
 
 def efficiency_board(session: Session, phase: Phase) -> list[BoardRow]:

@@ -20,6 +20,14 @@ from mergearena.errors import AuthError, LimitError, MergeArenaError, NotFoundEr
 
 __all__ = ["ArenaSettings", "create_app"]
 
+# Every page and answer forbids scripts, plugins, frames and outside resources: whatever a team's
+# name, log or write-up holds, nothing in it runs. Only the API docs (Swagger UI) need scripts.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+_NEEDS_SCRIPTS = ("/docs", "/redoc")
+
 
 def _status(error: MergeArenaError) -> int:
     if isinstance(error, AuthError):
@@ -46,6 +54,15 @@ def create_app(settings: ArenaSettings) -> FastAPI:
     )
     app.state.settings = settings
     app.add_exception_handler(MergeArenaError, _arena_error)
+
+    @app.middleware("http")
+    async def no_scripts(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        if not request.url.path.startswith(_NEEDS_SCRIPTS):
+            response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+            response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
     routers = (api.public, api.team, api.organizer, pages.pages, pages.admin, pages.admin_actions)
     for router in routers:
         app.include_router(router)

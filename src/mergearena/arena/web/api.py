@@ -35,7 +35,10 @@ from mergearena.arena.web.schemas import (
     SubmissionOut,
     TaskOut,
     TokenOut,
+    WinnersOut,
+    WriteupOut,
     submission_out,
+    winners_out,
 )
 from mergearena.errors import AuthError, NotFoundError
 
@@ -56,6 +59,12 @@ class TeamIn(BaseModel):
 
 class FinalChoice(BaseModel):
     submission_id: int  # the team's submission whose files the finals run
+
+
+class WinnerIn(BaseModel):
+    track: str = Field(description="performance, efficiency or creative")
+    submission_id: int
+    place: int = 1
 
 
 def get_submission(session: SessionDep, submission_id: int) -> Submission:
@@ -96,6 +105,13 @@ def list_competitions(session: SessionDep) -> list[CompetitionOut]:
 @public.get("/competitions/{slug}")
 def get_competition(slug: str, session: SessionDep) -> CompetitionOut:
     return CompetitionOut.of(service.get_competition(session, slug))
+
+
+@public.get("/competitions/{slug}/winners")
+def list_winners(slug: str, session: SessionDep) -> WinnersOut:
+    """Every track's winners, with their write-ups (public once a submission wins)."""
+    competition = service.get_competition(session, slug)
+    return winners_out(competition, service.winners(session, competition))
 
 
 @public.get("/leaderboard")
@@ -176,6 +192,22 @@ async def submit(
     return submission_out(submission, private=True)
 
 
+@team.post("/submissions/{submission_id}/writeup", status_code=201)
+async def attach_writeup(
+    submission_id: int,
+    me: TeamDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="Markdown (.md) or PDF (.pdf), up to 4 MiB")],
+) -> WriteupOut:
+    """Attach (or replace) a submission's write-up, for the creative track."""
+    content = await read_upload(file)
+    writeup = service.attach_writeup(
+        session, settings.data_dir, me, submission_id, file.filename or "writeup", content
+    )
+    return WriteupOut.of(writeup)
+
+
 # ---------------------------------------------------------------------------- the organizer
 
 organizer = APIRouter(prefix="/api", tags=["organizer"], dependencies=OrganizerOnly)
@@ -249,3 +281,17 @@ def organize(submission_id: int, action: str, session: SessionDep) -> PrivateSub
     submission = get_submission(session, submission_id)
     service.organize(session, submission, action)
     return submission_out(submission, private=True)
+
+
+@organizer.post("/competitions/{slug}/winners")
+def mark_winner(slug: str, body: WinnerIn, session: SessionDep) -> WinnersOut:
+    competition = service.get_competition(session, slug)
+    service.mark_winner(session, competition, body.track, body.submission_id, body.place)
+    return winners_out(competition, service.winners(session, competition))
+
+
+@organizer.delete("/competitions/{slug}/winners/{track}/{submission_id}")
+def unmark_winner(slug: str, track: str, submission_id: int, session: SessionDep) -> WinnersOut:
+    competition = service.get_competition(session, slug)
+    service.unmark_winner(session, competition, track, submission_id)
+    return winners_out(competition, service.winners(session, competition))

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
-from mergearena.arena import service
-from mergearena.arena.db import BOARD_MODES, PHASE_KINDS, Phase, Submission, Team
+from mergearena.arena import charts, service
+from mergearena.arena.db import BOARD_MODES, PHASE_KINDS, TRACKS, Phase, Submission, Team
 from mergearena.arena.web.api import get_submission, submit_upload
 from mergearena.arena.web.deps import (
     ORGANIZER_COOKIE,
@@ -22,10 +22,12 @@ from mergearena.arena.web.deps import (
     OrganizerOnly,
     SessionDep,
     SettingsDep,
+    get_settings,
     is_organizer,
     read_upload,
 )
-from mergearena.errors import ArenaError, NotFoundError
+from mergearena.arena.writeups import render_markdown
+from mergearena.errors import ArenaError, AuthError, NotFoundError
 from mergearena.evaluation.tasks import MC_RULES
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent.with_name("templates")))
@@ -37,6 +39,11 @@ MC_RULE_NOTES = {
     "letter": "the options lettered A, B, C...; the letter the model finds most likely",
     "cot": "the options lettered; the model reasons step by step, then its answer letter is "
     "read from the text, and a reasoning without one counts wrong",
+}
+TRACK_NOTES = {
+    "performance": "the best average score on the hidden final tasks",
+    "efficiency": "the cheapest run among those that beat the organizer's baselines",
+    "creative": "the most creative write-up",
 }
 
 
@@ -68,15 +75,67 @@ def board(
 ) -> HTMLResponse:
     competition = service.get_competition(session, slug)
     found = service.get_phase(competition, phase)
+    rows = service.leaderboard(session, found)
+    history = [charts.Point(*row) for row in service.score_history(session, found)]
+    scored = [r for r in rows if r.average is not None]
     return page(
         request,
         "leaderboard.html",
         competition=competition,
         phase=found,
-        rows=service.leaderboard(session, found),
+        rows=rows,
         efficiency=service.efficiency_board(session, found),
         mc_rule_note=MC_RULE_NOTES.get(competition.mc_rule, ""),
+        progress_svg=charts.progress_svg(history),
+        chart_teams=charts.MAX_TEAMS,
+        distribution_svg=charts.distribution_svg(
+            [r.average for r in scored if not r.baseline], [r.average for r in scored if r.baseline]
+        ),
     )
+
+
+@pages.get("/c/{slug}/winners", response_class=HTMLResponse)
+def winners(slug: str, request: Request, session: SessionDep) -> HTMLResponse:
+    competition = service.get_competition(session, slug)
+    return page(
+        request,
+        "winners.html",
+        competition=competition,
+        tracks=service.winners(session, competition),
+        notes=TRACK_NOTES,
+    )
+
+
+@pages.get("/writeups/{submission_id}", response_model=None)
+def writeup(submission_id: int, request: Request, session: SessionDep) -> Response:
+    """A write-up: public once its submission wins a track, else for its team and the
+    organizer (to anyone else it does not exist). Markdown is rendered without raw HTML; a PDF
+    is a download, sandboxed."""
+    submission = get_submission(session, submission_id)
+    found = submission.writeup
+    if found is None or not _may_read(request, session, submission):
+        raise NotFoundError(f"submission {submission_id} has no write-up to show")
+    content = service.blob_path(get_settings(request).data_dir, found.sha256).read_bytes()
+    if found.format == "pdf":
+        return Response(
+            content,
+            media_type="application/pdf",
+            headers={
+                "Content-Disposition": f'attachment; filename="writeup-{submission_id}.pdf"',
+                "Content-Security-Policy": "sandbox",
+            },
+        )
+    html = render_markdown(content.decode("utf-8"))
+    return page(request, "writeup.html", submission=submission, writeup=found, html=html)
+
+
+def _may_read(request: Request, session: SessionDep, submission: Submission) -> bool:
+    if service.is_awarded(session, submission.id) or is_organizer(request):
+        return True
+    try:
+        return service.team_for_token(session, request.cookies.get(TEAM_COOKIE)) == submission.team
+    except AuthError:
+        return False
 
 
 @pages.get("/submit", response_class=HTMLResponse)
@@ -145,11 +204,43 @@ def team_login(
 
 @pages.post("/team/rotate", response_class=HTMLResponse)
 def team_rotate(request: Request, session: SessionDep) -> HTMLResponse:
-    team = service.team_for_token(session, request.cookies.get(TEAM_COOKIE))
+    team = _signed_in_team(request, session)
     token = service.rotate_token(session, team)
     response = _team_page(request, session, team, token)
     _keep_cookie(response, TEAM_COOKIE, token)
     return response
+
+
+def _signed_in_team(request: Request, session: SessionDep) -> Team:
+    return service.team_for_token(session, request.cookies.get(TEAM_COOKIE))
+
+
+def _to_team() -> RedirectResponse:
+    return RedirectResponse("/team", status_code=303)
+
+
+@pages.post("/team/writeup")
+async def team_writeup(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    submission_id: Annotated[int, Form()],
+    file: Annotated[UploadFile, File()],
+) -> RedirectResponse:
+    team = _signed_in_team(request, session)
+    content = await read_upload(file)
+    service.attach_writeup(
+        session, settings.data_dir, team, submission_id, file.filename or "writeup", content
+    )
+    return _to_team()
+
+
+@pages.post("/team/final")
+def team_final(
+    request: Request, session: SessionDep, submission_id: Annotated[int, Form()]
+) -> RedirectResponse:
+    service.choose_final(session, _signed_in_team(request, session), submission_id)
+    return _to_team()
 
 
 # ---------------------------------------------------------------------------- the organizer
@@ -163,10 +254,13 @@ def admin_page(request: Request, session: SessionDep) -> HTMLResponse:
     if not is_organizer(request):
         return page(request, "login.html", action="/admin", who="organizer")
     submissions = session.scalars(select(Submission).order_by(Submission.id.desc()).limit(200))
+    competitions = service.competitions(session)
     return page(
         request,
         "admin.html",
-        competitions=service.competitions(session),
+        competitions=competitions,
+        winners={c.slug: service.winners(session, c) for c in competitions},
+        tracks=TRACKS,
         submissions=submissions.all(),
         phase_kinds=PHASE_KINDS,
         board_modes=BOARD_MODES,
@@ -265,4 +359,21 @@ def close(phase_id: int, session: SessionDep) -> RedirectResponse:
 @admin_actions.post("/submissions/{submission_id}/{action}")
 def organize(submission_id: int, action: str, session: SessionDep) -> RedirectResponse:
     service.organize(session, get_submission(session, submission_id), action)
+    return _to_admin()
+
+
+@admin_actions.post("/winners")
+def winner(
+    session: SessionDep,
+    competition: Annotated[str, Form()],
+    track: Annotated[str, Form()],
+    submission_id: Annotated[int, Form()],
+    place: Annotated[int, Form()] = 1,
+    remove: Annotated[bool, Form()] = False,
+) -> RedirectResponse:
+    found = service.get_competition(session, competition)
+    if remove:
+        service.unmark_winner(session, found, track, submission_id)
+    else:
+        service.mark_winner(session, found, track, submission_id, place)
     return _to_admin()

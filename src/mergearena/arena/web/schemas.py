@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, PlainSerializer
 
 from mergearena.arena import service
-from mergearena.arena.db import Competition, Submission
+from mergearena.arena.db import Award, Competition, Submission, Writeup
 
 # The database keeps naive UTC; the API says so ("...Z").
 UtcTime = Annotated[
@@ -196,3 +196,55 @@ class MeOut(BaseModel):
 
 class QueuedOut(BaseModel):
     queued: list[PrivateSubmissionOut]
+
+
+class WriteupOut(BaseModel):
+    submission_id: int
+    format: str  # markdown or pdf
+    file_name: str
+    size_bytes: int
+    title: str | None  # a Markdown write-up's first heading
+    url: str  # the page that shows it (a Markdown one rendered, a PDF as a download)
+    attached_at: UtcTime
+
+    @classmethod
+    def of(cls, writeup: Writeup) -> WriteupOut:
+        return cls(
+            submission_id=writeup.submission_id,
+            format=writeup.format,
+            file_name=writeup.file_name,
+            size_bytes=writeup.size_bytes,
+            title=writeup.title,
+            url=f"/writeups/{writeup.submission_id}",
+            attached_at=writeup.created_at,
+        )
+
+
+class WinnerOut(BaseModel):
+    track: str
+    place: int
+    submission: SubmissionOut
+    writeup: WriteupOut | None
+
+
+class WinnersOut(BaseModel):
+    competition: str
+    tracks: dict[str, list[WinnerOut]]  # every track, by place; empty until marked
+
+
+def winners_out(competition: Competition, by_track: dict[str, list[Award]]) -> WinnersOut:
+    return WinnersOut(
+        competition=competition.slug,
+        tracks={
+            track: [
+                WinnerOut(
+                    track=track,
+                    place=award.place,
+                    submission=submission_out(award.submission, private=False),
+                    writeup=award.submission.writeup and WriteupOut.of(award.submission.writeup),
+                )
+                for award in awards
+            ]
+            for track, awards in by_track.items()
+        },
+    )
