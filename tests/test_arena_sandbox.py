@@ -1,8 +1,10 @@
 """The sandbox, attacked from inside by tiny Python programs: network, hidden files, writes outside
-the workdir, the environment, the wall limit, output floods, fork bombs, memory, file size, CPU.
+the workdir, the environment, the wall limit, output floods, fork bombs, memory, file size, CPU,
+and the cgroup limits on the job as a whole.
 
 Tests marked with both modes also pin that ``sandbox=False`` keeps the same environment, limits,
-timeout and output cap.
+timeout and output cap. The cgroup's file writing is tested on a fake cgroup tree; its effects,
+only where cgroup v2 is delegated to this process (they are skipped elsewhere, saying why).
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from mergearena.arena import cgroup
 from mergearena.arena import sandbox as sandbox_module
+from mergearena.arena.cgroup import CgroupUnusable, CgroupUsage, delegated_parent
 from mergearena.arena.sandbox import Limits, SandboxResult, run_sandboxed, sandbox_available
 from mergearena.errors import ArenaError
 
@@ -282,11 +288,9 @@ print("\\nTHE END")
     assert f"[... {total - 64 * 1024} bytes of output dropped ...]" in result.output
 
 
-@needs_sandbox
-def test_fork_bomb_is_bounded(tmp_path: Path) -> None:
-    """RLIMIT_NPROC binds because the command does not run as root (see the module docstring).
-    The bomb limits itself too, so that a failure of the limit cannot harm the machine."""
-    code = """
+# Forks until 20 forks have failed: it limits itself, so that a failure of the limit under test
+# cannot harm the machine.
+FORK_BOMB = """
 import os, time
 children = failures = 0
 for _ in range(2000):
@@ -303,7 +307,12 @@ for _ in range(2000):
     children += 1
 print("children", children, "failures", failures, flush=True)
 """
-    result = run_python(code, tmp_path, limits=Limits(wall_seconds=10, processes=32))
+
+
+@needs_sandbox
+def test_fork_bomb_is_bounded(tmp_path: Path) -> None:
+    """RLIMIT_NPROC binds because the command does not run as root (see the module docstring)."""
+    result = run_python(FORK_BOMB, tmp_path, limits=Limits(wall_seconds=10, processes=32))
     assert result.status == "ok", result.output
     children, failures = map(int, result.output.split()[1::2])
     assert children < 32 and failures == 20
@@ -453,3 +462,271 @@ def test_shared_memory_is_closed_and_private_tmpfs_dirs_are_bounded(tmp_path: Pa
     assert "/dev/shm stopped EACCES at 0 MiB" in result.output
     assert "/tmp stopped ENOSPC at 16 MiB" in result.output
     assert "private tmpfs dirs 16 MiB each" in result.confinement
+
+
+# ----------------------------------------------------------------- cgroup v2: on a fake cgroup tree
+
+PID = 4242  # the worker's pid in the fake tree
+
+
+def fake_cgroup_tree(
+    root: Path, own: str = "/worker.service", processes: tuple[int, ...] = (PID,)
+) -> tuple[str, str]:
+    """A cgroup2 hierarchy at ``root`` as the kernel shows it, with the worker in ``own``; returns
+    the texts of /proc/self/mounts and /proc/self/cgroup that go with it."""
+    directory = root / own.lstrip("/")
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in {root, directory}:
+        (path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+        (path / "cgroup.subtree_control").write_text("")
+        (path / "cgroup.procs").write_text("")
+    if directory != root:
+        (directory / "cgroup.type").write_text("domain\n")  # the root alone has none
+    (directory / "cgroup.procs").write_text("".join(f"{pid}\n" for pid in processes))
+    mounts = f"proc /proc proc rw 0 0\ncgroup2 {root} cgroup2 rw,nosuid 0 0\n"
+    return mounts, f"0::{own}\n"
+
+
+def test_the_worker_moves_itself_out_of_its_cgroup_and_enables_memory_and_pids(
+    tmp_path: Path,
+) -> None:
+    """cgroup v2 enables controllers for children only of a cgroup holding no processes."""
+    mounts, self_cgroup = fake_cgroup_tree(tmp_path)
+    parent = delegated_parent(tmp_path, mounts=mounts, self_cgroup=self_cgroup, pid=PID)
+    assert parent == tmp_path / "worker.service"
+    assert (parent / "mergearena-worker" / "cgroup.procs").read_text() == str(PID)
+    assert (parent / "cgroup.subtree_control").read_text() == "+memory +pids"
+
+
+def test_the_root_cgroup_may_keep_its_processes(tmp_path: Path) -> None:
+    mounts, self_cgroup = fake_cgroup_tree(tmp_path, own="/")
+    assert delegated_parent(tmp_path, mounts=mounts, self_cgroup=self_cgroup, pid=PID) == tmp_path
+    assert not (tmp_path / "mergearena-worker").exists()
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids"
+
+
+def test_a_worker_already_moved_uses_the_cgroup_above(tmp_path: Path) -> None:
+    """A second look (a new process started from the moved worker) finds it prepared."""
+    mounts, _ = fake_cgroup_tree(tmp_path)
+    (tmp_path / "worker.service" / "cgroup.subtree_control").write_text("memory pids\n")
+    (tmp_path / "worker.service" / "mergearena-worker").mkdir()
+    self_cgroup = "0::/worker.service/mergearena-worker\n"
+    parent = delegated_parent(tmp_path, mounts=mounts, self_cgroup=self_cgroup, pid=PID)
+    assert parent == tmp_path / "worker.service"
+
+
+def test_other_processes_in_the_worker_cgroup_are_left_alone_and_reported(tmp_path: Path) -> None:
+    mounts, self_cgroup = fake_cgroup_tree(tmp_path, processes=(PID, 17, 18))
+    with pytest.raises(CgroupUnusable, match=r"holds other processes too \(pids 17, 18\)"):
+        delegated_parent(tmp_path, mounts=mounts, self_cgroup=self_cgroup, pid=PID)
+    assert not (tmp_path / "worker.service" / "mergearena-worker").exists()
+    assert (tmp_path / "worker.service" / "cgroup.subtree_control").read_text() == ""
+
+
+@pytest.mark.parametrize(
+    ("mounts", "self_cgroup", "controllers", "reason"),
+    [
+        ("cgroup2 /elsewhere cgroup2 rw 0 0", "0::/", None, "{root} is not mounted"),
+        (
+            "tmpfs {root} tmpfs rw 0 0\ncgroup2 {root}/unified cgroup2 rw 0 0",
+            "0::/",
+            None,
+            "{root} is cgroup v1, not cgroup v2",
+        ),
+        (None, "4:memory:/worker\n", None, "this process is in no cgroup v2 hierarchy"),
+        (None, None, "cpu memory", "lacks the controllers pids"),
+    ],
+    ids=["unmounted", "cgroup-v1", "no-v2-line", "no-pids-controller"],
+)
+def test_why_cgroups_cannot_be_used_is_said(
+    tmp_path: Path,
+    mounts: str | None,
+    self_cgroup: str | None,
+    controllers: str | None,
+    reason: str,
+) -> None:
+    fake_mounts, fake_self = fake_cgroup_tree(tmp_path)
+    if controllers is not None:
+        (tmp_path / "worker.service" / "cgroup.controllers").write_text(controllers)
+    with pytest.raises(CgroupUnusable, match=reason.format(root=tmp_path)):
+        delegated_parent(
+            tmp_path,
+            mounts=fake_mounts if mounts is None else mounts.format(root=tmp_path),
+            self_cgroup=fake_self if self_cgroup is None else self_cgroup,
+            pid=PID,
+        )
+
+
+def test_job_cgroups_of_dead_workers_are_removed(tmp_path: Path) -> None:
+    mounts, self_cgroup = fake_cgroup_tree(tmp_path)
+    gone = tmp_path / "worker.service" / "job-999999999-abcd"  # above any pid_max
+    ours = tmp_path / "worker.service" / f"job-{os.getpid()}-abcd"
+    gone.mkdir()
+    ours.mkdir()
+    delegated_parent(tmp_path, mounts=mounts, self_cgroup=self_cgroup, pid=PID)
+    assert not gone.exists() and ours.exists()
+
+
+def test_a_job_cgroup_gets_the_memory_and_process_limits(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "memory.swap.max").write_text("max\n")  # present only with swap accounting
+    (job / "memory.oom.group").write_text("0\n")
+    cgroup.set_limits(job, memory_bytes=16 * 2**30, tasks=512)
+    written = {path.name: path.read_text() for path in job.iterdir()}
+    assert written == {
+        "memory.max": str(16 * 2**30),
+        "memory.swap.max": "0",  # memory cannot escape the limit into swap
+        "memory.oom.group": "1",  # at the limit the whole job is killed, not one process
+        "pids.max": "512",
+    }
+    cgroup.set_limits(tmp_path, memory_bytes=None, tasks=8)
+    assert (tmp_path / "memory.max").read_text() == "max"
+    assert not (tmp_path / "memory.swap.max").exists()  # never created where absent
+
+
+def test_what_a_job_cgroup_recorded_is_read(tmp_path: Path) -> None:
+    assert cgroup.read_usage(tmp_path) == CgroupUsage(None, 0, 0)  # an older kernel's files
+    (tmp_path / "memory.peak").write_text("734003200\n")
+    (tmp_path / "memory.events").write_text(
+        "low 0\nhigh 0\nmax 12\noom 1\noom_kill 2\noom_group_kill 1\n"
+    )
+    (tmp_path / "pids.events").write_text("max 7\n")
+    assert cgroup.read_usage(tmp_path) == CgroupUsage(734003200, 2, 7)
+
+
+def test_without_cgroup_kill_each_listed_process_is_killed(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])  # noqa: S603, S607
+    try:
+        (tmp_path / "cgroup.procs").write_text(f"{sleeper.pid}\n")
+        cgroup.kill_processes(tmp_path)
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        sleeper.kill()
+    (tmp_path / "cgroup.kill").write_text("")
+    cgroup.kill_processes(tmp_path)  # kernel 5.14+: one write kills them all
+    assert (tmp_path / "cgroup.kill").read_text() == "1"
+
+
+def test_the_log_names_the_cgroup_limits_or_why_there_are_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = Limits(total_memory_bytes=16 * 2**30, total_processes=512)
+    assert limits.describe_cgroup(None) == (
+        "cgroup v2: memory.max 16 GiB, pids.max 512 across the job's processes"
+    )
+    why = "/sys/fs/cgroup is cgroup v1, not cgroup v2"
+    monkeypatch.setattr(cgroup, "job_cgroup_parent", lambda: (None, why))
+    result = run_python("pass", tmp_path, sandbox=False)
+    assert result.status == "ok", result.output
+    assert result.confinement.splitlines()[2] == (
+        f"no cgroup limits (total memory, total processes): {why}"
+    )
+    assert result.peak_memory_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("detail", "status", "usage", "expected"),
+    [
+        (
+            "killed by SIGKILL",
+            "killed",
+            CgroupUsage(None, 1, 0),
+            "killed: the job's processes together passed the memory limit of 0.5 GiB",
+        ),
+        (
+            "exited with code 1",
+            "failed",
+            CgroupUsage(None, 0, 3),
+            "exited with code 1; 3 new processes or threads were refused at the limit of 24 "
+            "across the job (cgroup pids.max)",
+        ),
+        ("exited with code 0", "ok", CgroupUsage(2**20, 0, 0), "exited with code 0"),
+    ],
+    ids=["memory", "processes", "neither"],
+)
+def test_a_run_stopped_by_a_cgroup_limit_says_which(
+    detail: str, status: str, usage: CgroupUsage, expected: str
+) -> None:
+    limits = Limits(total_memory_bytes=2**29, total_processes=24)
+    assert sandbox_module._cgroup_detail(detail, status, usage, limits) == expected
+
+
+# ----------------------------------------------------- cgroup v2: real, where it is delegated here
+
+CGROUP_PARENT, NO_CGROUP = cgroup.job_cgroup_parent()
+needs_cgroup = pytest.mark.skipif(
+    NO_CGROUP is not None, reason=f"no cgroup v2 delegated here: {NO_CGROUP}"
+)
+BOTH_MODES_WITH_CGROUP = [
+    pytest.param(True, marks=[needs_sandbox, needs_cgroup], id="sandboxed"),
+    pytest.param(False, marks=needs_cgroup, id="unsandboxed"),
+]
+
+
+def job_cgroups_left() -> list[Path]:
+    assert CGROUP_PARENT is not None
+    return sorted(CGROUP_PARENT.glob(f"{cgroup.JOB_PREFIX}{os.getpid()}-*"))
+
+
+@pytest.mark.parametrize("sandbox", BOTH_MODES_WITH_CGROUP)
+def test_forks_past_pids_max_are_refused_and_said(tmp_path: Path, sandbox: bool) -> None:
+    """pids.max binds the job as a whole, whoever it runs as (RLIMIT_NPROC does not bind
+    root)."""
+    limits = Limits(wall_seconds=20, processes=256, total_processes=24)
+    result = run_python(FORK_BOMB, tmp_path, sandbox=sandbox, limits=limits)
+    assert result.status == "ok", result.output
+    children, failures = map(int, result.output.split()[1::2])
+    assert children < 24 and failures == 20
+    assert "pids.max 24 across the job's processes" in result.confinement.splitlines()[2]
+    assert result.detail.startswith("exited with code 0; ")
+    assert "refused at the limit of 24 across the job (cgroup pids.max)" in result.detail
+    assert job_cgroups_left() == []
+
+
+@pytest.mark.parametrize("sandbox", BOTH_MODES_WITH_CGROUP)
+def test_processes_together_past_memory_max_kill_the_job(tmp_path: Path, sandbox: bool) -> None:
+    """Three processes of 120 MiB each, far under their rlimit of 1 GiB, pass 256 MiB
+    together: the whole job is killed, and the detail says why."""
+    code = """
+import os, time
+children = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        held = b"x" * (120 * 2**20)  # written, so resident
+        print("holding", len(held) >> 20, "MiB", flush=True)
+        time.sleep(15)
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+print("all survived", flush=True)
+"""
+    limits = Limits(wall_seconds=30, memory_bytes=2**30, total_memory_bytes=256 * 2**20)
+    result = run_python(code, tmp_path, sandbox=sandbox, limits=limits)
+    assert (result.status, result.returncode) == ("killed", -9), result
+    assert result.detail == (
+        "killed: the job's processes together passed the memory limit of 0.25 GiB"
+    )
+    assert "all survived" not in result.output
+    assert result.peak_memory_bytes is not None and result.peak_memory_bytes > 200 * 2**20
+    assert job_cgroups_left() == []
+
+
+@needs_cgroup
+def test_unsandboxed_processes_that_leave_the_process_group_die_with_the_job(
+    tmp_path: Path,
+) -> None:
+    """Without the sandbox's pid namespace, the cgroup still kills all the run started."""
+    marker = f"mergearena-escapee-{secrets.token_hex(6)}"
+    code = """
+import subprocess, sys
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", sys.argv[1]],
+                 start_new_session=True)
+print("started", flush=True)
+"""
+    result = run_python(code, tmp_path, marker, sandbox=False)
+    assert result.status == "ok", result.output
+    assert wait_until_gone(marker) == []
+    assert job_cgroups_left() == []

@@ -220,10 +220,12 @@ def test_a_starter_kit_tarball_runs_unmodified_in_the_sandbox(arena, models) -> 
     done = run()
     assert done.status == "scored", done.log
     assert set(done.scores) == {"mc", "gen"}
-    # the log opens with the guards and limits the run was held to
-    guards, limits = done.log.splitlines()[:2]
+    # the log opens with the guards and limits the run was held to, and ends with how it ended
+    guards, limits, cgroups = done.log.splitlines()[:3]
     assert guards.startswith("seccomp filter: in force"), done.log
     assert limits.startswith("limits: wall 120 s for the run; per process (rlimits)"), done.log
+    assert cgroups.startswith(("cgroup v2: memory.max", "no cgroup limits")), done.log
+    assert done.log.splitlines()[-1].startswith("the run exited with code 0"), done.log
 
 
 def _tarball(files: dict[str, str]) -> bytes:

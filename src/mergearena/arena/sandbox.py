@@ -25,6 +25,11 @@ What the sandbox holds the command to:
   CPU time and file size, core dumps off, and ``RLIMIT_NPROC``. The kernel counts processes per
   real uid and exempts root entirely: the process limit binds only because the command runs as
   ``nobody`` (or as the unprivileged service user, whose own processes then count too).
+- Resources of the job as a whole (``mergearena.arena.cgroup``), where the machine delegates
+  cgroup v2 to the worker: its processes' memory together (``memory.max``, no swap; at the limit
+  the whole job is killed) and its processes and threads together (``pids.max``). The command
+  joins its cgroup before it can fork, and everything still in it at the end is killed.
+  Elsewhere the run goes on without them, and ``SandboxResult.confinement`` says why.
 
 GPUs: ``/dev`` is minimal; the caller passes the device files a GPU run needs (``devices``; the
 worker passes ``/dev/nvidia*`` when it runs on CUDA).
@@ -35,11 +40,11 @@ worker passes ``/dev/nvidia*`` when it runs on CUDA).
   goes on without it, and ``SandboxResult.confinement`` (which the worker puts at the top of the
   job's log) says so.
 
-What it does not do: cgroup limits (total memory or CPU across processes, total pids).
-``sandbox=False`` runs the same command
-with the same environment, rlimits, wall limit and output cap but none of the above: the
-command runs as the caller (for root, ``RLIMIT_NPROC`` then does not bind), sees everything,
-and only what stays in its process group is killed at the end.
+What it does not do: limit CPU across processes (only each process's CPU time, and the wall
+time of the whole). ``sandbox=False`` runs the same command with the same environment, rlimits,
+cgroup limits, wall limit and output cap but none of the above: the command runs as the caller
+(for root, ``RLIMIT_NPROC`` then does not bind) and sees everything; at the end, what stays in
+its process group is killed, and with a cgroup everything it started.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergearena.arena import cgroup
 from mergearena.arena.seccomp import seccomp_program
 from mergearena.errors import ArenaError
 
@@ -94,17 +100,34 @@ class Limits:
     # the size of each private tmpfs (/tmp, /var/tmp, /root, /home, /run): RAM, so bounded
     private_dir_bytes: int = 256 * 2**20
     output_bytes: int = 1 * 2**20  # stdout and stderr kept: the first and last halves
+    # For the job as a whole, where cgroup v2 is delegated (see the module docstring).
+    # memory.max: resident memory and tmpfs files of all its processes together; None for none.
+    total_memory_bytes: int | None = 8 * 2**30
+    total_processes: int = 512  # pids.max: processes and threads together
 
     def describe(self) -> str:
-        """The limits in force, in one line for a job's log."""
-        memory = "none" if self.memory_bytes is None else f"{self.memory_bytes / 2**30:g} GiB"
+        """The rlimits and wall limit, in one line for a job's log."""
+        memory = _gib(self.memory_bytes)
         cpu = "none" if self.cpu_seconds is None else f"{self.cpu_seconds} s"
         return (
             f"limits: wall {self.wall_seconds:g} s for the run; per process (rlimits) address "
             f"space {memory}, CPU {cpu}, file size {self.file_bytes / 2**30:g} GiB, "
             f"{self.processes} processes; private tmpfs dirs {self.private_dir_bytes // 2**20} "
-            "MiB each; no cgroup limits (total memory, total processes)"
+            "MiB each"
         )
+
+    def describe_cgroup(self, problem: str | None) -> str:
+        """The cgroup limits in force, or (``problem`` set) why there are none: one line."""
+        if problem is not None:
+            return f"no cgroup limits (total memory, total processes): {problem}"
+        return (
+            f"cgroup v2: memory.max {_gib(self.total_memory_bytes)}, pids.max "
+            f"{self.total_processes} across the job's processes"
+        )
+
+
+def _gib(size: int | None) -> str:
+    return "none" if size is None else f"{size / 2**30:g} GiB"
 
 
 @dataclass(frozen=True)
@@ -120,6 +143,7 @@ class SandboxResult:
     wall_seconds: float
     confinement: str = ""  # which guards and limits were in force, for the job's log
     peak_rss_bytes: int = 0  # the largest resident set of any one process of the run
+    peak_memory_bytes: int | None = None  # all its processes together (cgroup memory.peak)
 
 
 @functools.cache
@@ -174,42 +198,60 @@ def run_sandboxed(
         if os.geteuid() == 0:
             _give_to_sandbox_user(workdir)
         program, guards = seccomp_program()
-    confinement = f"{guards}\n{limits.describe()}"
-    with _program_file(program) as seccomp_fd:
-        if sandbox:
-            command = _sandbox_argv(
-                list(argv),
-                workdir,
-                list(readonly),
-                list(hidden),
-                list(devices),
-                seccomp_fd,
-                limits.private_dir_bytes,
+    cgroup_parent, cgroup_problem = cgroup.job_cgroup_parent()
+    confinement = f"{guards}\n{limits.describe()}\n{limits.describe_cgroup(cgroup_problem)}"
+    with contextlib.ExitStack() as cleanup:
+        job_cgroup = None
+        if cgroup_parent is not None:
+            job_cgroup = cleanup.enter_context(
+                cgroup.job_cgroup(
+                    cgroup_parent,
+                    memory_bytes=limits.total_memory_bytes,
+                    tasks=limits.total_processes,
+                )
             )
-        else:
-            command = list(argv)
-        start = time.monotonic()
-        process = subprocess.Popen(
-            command,
-            cwd=workdir,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, killed as one
-            preexec_fn=_rlimit_setter(limits),
-            pass_fds=() if seccomp_fd is None else (seccomp_fd,),
-        )
-    assert process.stdout is not None
-    output = _Output(limits.output_bytes)
-    timed_out = _pump(process, output, deadline=start + limits.wall_seconds)
-    _kill_group(process.pid)
-    # wait4, not wait: its usage covers the command's process tree (every process waited for
-    # below it), measured here, outside, where the command cannot forge it
-    _, wait_status, usage = os.wait4(process.pid, 0)
-    returncode = process.returncode = os.waitstatus_to_exitcode(wait_status)
-    process.stdout.close()
-    wall_seconds = time.monotonic() - start
+        with _program_file(program) as seccomp_fd:
+            if sandbox:
+                command = _sandbox_argv(
+                    list(argv),
+                    workdir,
+                    list(readonly),
+                    list(hidden),
+                    list(devices),
+                    seccomp_fd,
+                    limits.private_dir_bytes,
+                )
+            else:
+                command = list(argv)
+            start = time.monotonic()
+            process = subprocess.Popen(
+                command,
+                cwd=workdir,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, killed as one
+                preexec_fn=_child_setup(limits, job_cgroup),
+                pass_fds=() if seccomp_fd is None else (seccomp_fd,),
+            )
+
+        def kill_all() -> None:
+            _kill_group(process.pid)
+            if job_cgroup is not None:  # what left the process group too
+                cgroup.kill_processes(job_cgroup)
+
+        assert process.stdout is not None
+        output = _Output(limits.output_bytes)
+        timed_out = _pump(process, output, deadline=start + limits.wall_seconds, kill=kill_all)
+        kill_all()
+        # wait4, not wait: its usage covers the command's process tree (every process waited
+        # for below it), measured here, outside, where the command cannot forge it
+        _, wait_status, usage = os.wait4(process.pid, 0)
+        returncode = process.returncode = os.waitstatus_to_exitcode(wait_status)
+        process.stdout.close()
+        wall_seconds = time.monotonic() - start
+        cgroup_usage = None if job_cgroup is None else cgroup.read_usage(job_cgroup)
 
     if sandbox and returncode > 128 and returncode - 128 in signal.valid_signals():
         returncode = 128 - returncode  # bwrap turns "killed by signal N" into exit code 128 + N
@@ -220,6 +262,8 @@ def run_sandboxed(
         status, detail = "killed", _signal_detail(-returncode, limits)
     else:
         status, detail = ("ok" if returncode == 0 else "failed"), f"exited with code {returncode}"
+    if cgroup_usage is not None:
+        detail = _cgroup_detail(detail, status, cgroup_usage, limits)
     return SandboxResult(
         status,
         returncode,
@@ -229,7 +273,24 @@ def run_sandboxed(
         round(wall_seconds, 3),
         confinement,
         usage.ru_maxrss * 1024,  # kilobytes on Linux
+        None if cgroup_usage is None else cgroup_usage.peak_memory_bytes,
     )
+
+
+def _cgroup_detail(detail: str, status: str, usage: cgroup.CgroupUsage, limits: Limits) -> str:
+    """The run's ``detail``, saying which of the cgroup's limits it met."""
+    if usage.oom_kills:
+        memory = (
+            "the job's processes together passed the memory limit of "
+            f"{_gib(limits.total_memory_bytes)}"
+        )
+        detail = f"killed: {memory}" if status == "killed" else f"{detail}; killed: {memory}"
+    if usage.refused_forks:
+        detail += (
+            f"; {usage.refused_forks} new processes or threads were refused at the limit of "
+            f"{limits.total_processes} across the job (cgroup pids.max)"
+        )
+    return detail
 
 
 @contextlib.contextmanager
@@ -336,8 +397,9 @@ def _give_to_sandbox_user(workdir: Path) -> None:
             os.lchown(os.path.join(directory, name), SANDBOX_UID, SANDBOX_UID)
 
 
-def _rlimit_setter(limits: Limits) -> Callable[[], None]:
-    """What the child runs between fork and exec: set the limits bwrap and all below inherit."""
+def _child_setup(limits: Limits, job_cgroup: Path | None) -> Callable[[], None]:
+    """What the child runs between fork and exec: join the job's cgroup, if any, and set the
+    rlimits; bwrap and everything below it inherit both."""
     wanted = {
         resource.RLIMIT_CORE: 0,
         resource.RLIMIT_FSIZE: limits.file_bytes,
@@ -346,14 +408,16 @@ def _rlimit_setter(limits: Limits) -> Callable[[], None]:
     if limits.memory_bytes is not None:
         wanted[resource.RLIMIT_AS] = limits.memory_bytes
 
-    def set_limits() -> None:
+    def set_up() -> None:
+        if job_cgroup is not None:
+            cgroup.join(job_cgroup)
         for which, value in wanted.items():
             _lower_limit(which, value, value)
         if limits.cpu_seconds is not None:
             # The soft limit sends SIGXCPU; the hard one, a second later, SIGKILL.
             _lower_limit(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)
 
-    return set_limits
+    return set_up
 
 
 def _lower_limit(which: int, soft: int, hard: int) -> None:
@@ -364,12 +428,14 @@ def _lower_limit(which: int, soft: int, hard: int) -> None:
     resource.setrlimit(which, (soft, hard))
 
 
-def _pump(process: subprocess.Popen[bytes], output: _Output, deadline: float) -> bool:
+def _pump(
+    process: subprocess.Popen[bytes], output: _Output, deadline: float, kill: Callable[[], None]
+) -> bool:
     """Read output until the command is over; return whether it hit the wall limit.
 
-    The command is over when it exits (anything it left behind is then killed) or at the
-    deadline (all of it is killed). Output still arriving is read for a moment more, until every
-    writer is gone, which the pid namespace guarantees in the sandbox.
+    The command is over when it exits (anything it left behind is then killed, by ``kill``) or
+    at the deadline (all of it is killed). Output still arriving is read for a moment more,
+    until every writer is gone, which the pid namespace (or the job's cgroup) guarantees.
     """
     assert process.stdout is not None
     descriptor = process.stdout.fileno()
@@ -384,7 +450,7 @@ def _pump(process: subprocess.Popen[bytes], output: _Output, deadline: float) ->
                 exited = _has_exited(process.pid)
                 if exited or now >= deadline:
                     timed_out = not exited
-                    _kill_group(process.pid)
+                    kill()
                     stop_at = now + _DRAIN_SECONDS
             if stop_at is not None and (end_of_output or now >= stop_at):
                 return timed_out

@@ -103,10 +103,15 @@ def _costs(result: SandboxResult, reported: dict[str, Any], gpu: bool) -> dict[s
     }
 
 
-def _run_error(reported: dict[str, Any], returncode: int) -> str:
-    """Why the run failed, from the error its result.json records (cut short), after its exit
-    code."""
-    message = f"the run exited with code {returncode}"
+def _ending(result: SandboxResult) -> str:
+    """How the run ended: "the run exited with code 3", "the run was killed: the job's
+    processes together passed the memory limit of 16 GiB"."""
+    return f"the run {'was ' if result.status == 'killed' else ''}{result.detail}"
+
+
+def _run_error(reported: dict[str, Any], result: SandboxResult) -> str:
+    """Why the run failed: how it ended, then the error its result.json records (cut short)."""
+    message = _ending(result)
     error = reported.get("error")
     if not isinstance(error, str) or not error:
         return message
@@ -258,6 +263,8 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
                 env[name] = os.environ[name]
         # A GPU worker passes the NVIDIA device files through; CUDA reserves far more address
         # space than it uses, so RLIMIT_AS cannot bound its memory (the GPU's own size does).
+        # The competition's memory limit still bounds the job's resident memory as a whole,
+        # where the machine delegates cgroups (see the sandbox's log line).
         gpu = settings.device.startswith("cuda")
         devices = sorted(Path("/dev").glob("nvidia*")) if gpu else []
         # Models the competition allows by path must be readable; the zoo lives in the cache.
@@ -278,11 +285,18 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
             limits=Limits(
                 wall_seconds=competition.time_limit_seconds,
                 memory_bytes=None if gpu else competition.memory_limit_bytes,
+                total_memory_bytes=competition.memory_limit_bytes,
             ),
             sandbox=reason is None,
             devices=devices,
         )
-        output = f"{result.confinement}\n{result.output}"  # which guards held it, first
+        ending = _ending(result)
+        if result.peak_memory_bytes is not None:  # measured where cgroups hold the job
+            ending += (
+                f"; its processes together peaked at {result.peak_memory_bytes / 2**30:.2f} GiB"
+            )
+        # which guards and limits held it first, how it ended last
+        output = f"{result.confinement}\n{result.output}\n{ending}"
         log = _excerpt(output)
         reported = _reported(work)
         costs = _costs(result, reported, gpu)
@@ -291,7 +305,7 @@ def run_job(session: Session, settings: WorkerSettings, submission: Submission) 
             message = f"stopped at the time limit of {limit} s (for merge and inference together)"
             return JobOutcome("timed_out", log, error=message, costs=costs)
         if result.returncode != 0:
-            error = _run_error(reported, result.returncode)
+            error = _run_error(reported, result)
             return JobOutcome("failed", log, error=error, costs=costs)
         scores: dict[str, float] = {}
         for task in submission.phase.tasks:
