@@ -527,6 +527,21 @@ def test_baselines_are_marked_and_disqualified_submissions_leave_the_board(
     assert [r["name"] for r in client.get("/api/leaderboard").json()["rows"]] == ["base"]
 
 
+def test_the_organizer_submits_baselines_without_a_daily_limit(arena) -> None:
+    client, sessions = arena
+
+    def baseline(name: str, headers: dict = ORGANIZER):
+        files = {"file": ("base.yaml", RECIPE + f"# {name}".encode())}
+        return client.post("/api/baselines", data={"name": name}, files=files, headers=headers)
+
+    assert baseline("sneaky", _team(client, "alpha")).status_code == 401
+    ids = [baseline(f"base {n}").json()["id"] for n in range(3)]  # over daily_submissions 2
+    for submission_id in ids:
+        _score(sessions, submission_id, 0.5)
+    rows = client.get("/api/leaderboard").json()["rows"]
+    assert [(r["team"], r["baseline"]) for r in rows] == [("mergearena baselines", True)] * 3
+
+
 def test_the_efficiency_board_ranks_what_beats_the_baseline_by_its_run_cost(
     arena, tmp_path: Path
 ) -> None:

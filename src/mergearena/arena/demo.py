@@ -93,7 +93,7 @@ def seed_demo(
                     _subset(path, start, examples),
                     settings.model_dump(mode="json", exclude_defaults=True),
                 )
-        team, _token = service.register_team(session, "mergearena baselines", baseline=True)
+        team = service.baseline_team(session)
         entries = [("base model", "base.yaml", BASE_RECIPE.encode())]
         entries += [(p.stem.removeprefix("zoo-"), p.name, p.read_bytes()) for p in recipes]
         for phase in competition.phases[:2]:

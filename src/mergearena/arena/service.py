@@ -316,6 +316,18 @@ def register_team(session: Session, name: str, *, baseline: bool = False) -> tup
     return team, token
 
 
+BASELINE_TEAM = "mergearena baselines"
+
+
+def baseline_team(session: Session) -> Team:
+    """The organizer's baseline "team" (created on first use; its token is never shown: its
+    submissions come from the organizer). Each baseline is ranked as its own entrant."""
+    team = session.scalar(select(Team).where(Team.name == BASELINE_TEAM))
+    if team is None:
+        team, _token = register_team(session, BASELINE_TEAM, baseline=True)
+    return team
+
+
 def rotate_token(session: Session, team: Team) -> str:
     token = new_token()
     team.token_sha256 = _hash_token(token)

@@ -262,6 +262,22 @@ async def add_calibration(
     return CalibrationOut(name=added.name, examples=added.examples)
 
 
+@organizer.post("/baselines", status_code=201)
+async def submit_baseline(
+    session: SessionDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File()],
+    name: Annotated[str | None, Form()] = None,
+    competition: Annotated[str | None, Form()] = None,
+    phase: Annotated[str | None, Form()] = None,
+) -> PrivateSubmissionOut:
+    """Queue an organizer's baseline: ranked as its own entrant, marked as a baseline, the bar
+    the efficiency track's entries must beat; no daily limit."""
+    team = service.baseline_team(session)
+    submission = await submit_upload(session, settings, team, file, competition, phase, name)
+    return submission_out(submission, private=True)
+
+
 @organizer.post("/competitions/{slug}/finals")
 def run_finals(slug: str, session: SessionDep) -> QueuedOut:
     queued = service.run_finals(session, service.get_competition(session, slug))

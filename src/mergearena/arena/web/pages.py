@@ -347,6 +347,39 @@ async def new_task(
     return _to_admin()
 
 
+@admin_actions.post("/calibration")
+async def new_calibration(
+    session: SessionDep,
+    settings: SettingsDep,
+    competition: Annotated[str, Form()],
+    name: Annotated[str, Form()],
+    file: Annotated[UploadFile, File()],
+) -> RedirectResponse:
+    found = service.get_competition(session, competition)
+    service.add_calibration(session, settings.data_dir, found, name, await read_upload(file))
+    return _to_admin()
+
+
+@admin_actions.post("/baselines")
+async def new_baseline(
+    session: SessionDep,
+    settings: SettingsDep,
+    competition: Annotated[str, Form()],
+    phase: Annotated[str, Form()],
+    name: Annotated[str, Form()],
+    file: Annotated[UploadFile, File()],
+) -> RedirectResponse:
+    team = service.baseline_team(session)
+    await submit_upload(session, settings, team, file, competition, phase, name)
+    return _to_admin()
+
+
+@admin_actions.post("/finals")
+def finals(session: SessionDep, competition: Annotated[str, Form()]) -> RedirectResponse:
+    service.run_finals(session, service.get_competition(session, competition))
+    return _to_admin()
+
+
 @admin_actions.post("/phases/{phase_id}/close")
 def close(phase_id: int, session: SessionDep) -> RedirectResponse:
     found = session.get(Phase, phase_id)
