@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -730,3 +731,44 @@ print("started", flush=True)
     assert result.status == "ok", result.output
     assert wait_until_gone(marker) == []
     assert job_cgroups_left() == []
+
+
+NEIGHBOUR_PROBE = """
+import json, os, signal, sys
+worker, other = int(sys.argv[1]), sys.argv[2]
+found = {}
+for name, attempt in (
+    ("signal the worker", lambda: os.kill(worker, signal.SIGCONT)),
+    ("probe the worker", lambda: os.kill(worker, 0)),
+    ("read the worker's environ", lambda: open(f"/proc/{worker}/environ", "rb").read()),
+    ("list another job", lambda: os.listdir(other)),
+    ("read another job's file", lambda: open(os.path.join(other, "secret.txt")).read()),
+):
+    try:
+        found[name] = f"allowed: {attempt()!r}"[:80]
+    except OSError as error:
+        found[name] = type(error).__name__
+print(json.dumps(found))
+"""
+
+
+@needs_sandbox
+def test_a_job_cannot_signal_the_worker_or_read_its_environ_or_another_job(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Jobs laid out as the worker lays them out (each in its own 0700 directory under the
+    scratch dir, the work folder given to the sandbox user): from one, the worker's process and
+    the other job do not exist or cannot be reached."""
+    monkeypatch.setenv("MERGEARENA_WORKER_SECRET", "SECRET-ENV")
+    scratch = tmp_path / "jobs"
+    scratch.mkdir()
+    mine, other = (Path(tempfile.mkdtemp(prefix="job-", dir=scratch)) for _ in range(2))
+    (other / "work").mkdir()
+    (other / "work" / "secret.txt").write_text("SECRET-JOB")
+    if os.geteuid() == 0:
+        sandbox_module._give_to_sandbox_user(other / "work")  # as the worker leaves it
+    result = run_python(NEIGHBOUR_PROBE, mine, str(os.getpid()), str(other / "work"))
+    assert result.status == "ok", result.output
+    found = json.loads(result.output.strip().splitlines()[-1])
+    assert not any(outcome.startswith("allowed") for outcome in found.values()), found
+    assert "SECRET" not in result.output
