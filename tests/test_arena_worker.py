@@ -417,17 +417,6 @@ def test_code_cannot_read_hidden_targets_or_reach_the_network(arena, models) -> 
 
 
 @needs_sandbox
-def test_a_submission_past_the_time_limit_is_stopped(arena, models) -> None:
-    submit, run, _, _ = arena
-    prelude = "import time\nprint('about to sleep')\ntime.sleep(600)\n"
-    # 20 s: the runner imports torch before the submission, which can take a while when busy
-    submit("slow.py", _method_file(models, prelude), time_limit=20)
-    done = run()
-    assert done.status == "timed_out" and "time limit of 20 s" in done.error
-    assert "about to sleep" in done.log  # what it printed before it was killed
-
-
-@needs_sandbox
 def test_a_crashing_submission_fails_with_its_log(arena, models) -> None:
     submit, run, _, _ = arena
     submit("crash.py", _method_file(models, "raise ValueError('boom from the submission')\n"))
@@ -485,6 +474,8 @@ def test_a_hook_returning_bytes_fails_naming_task_and_row(arena, models) -> None
 
 @needs_sandbox
 def test_the_time_limit_covers_the_submissions_own_inference(arena, models) -> None:
+    """A job past the time limit is stopped, in its own inference too, and what it printed
+    before is kept in its log."""
     submit, run, _, _ = arena
     hook = """\
         import time
@@ -493,10 +484,11 @@ def test_the_time_limit_covers_the_submissions_own_inference(arena, models) -> N
             print("inferring", flush=True)
             time.sleep(600)
         """
-    # 40 s: time for the runner to start and merge on a busy machine, then the hook sleeps
-    submit("sleepy.py", _method_file(models, hook), time_limit=40)
+    # 25 s: time for the runner to start and merge (about 4 s) on a busy machine, then the hook
+    # sleeps until the job is stopped, and what it printed before is kept
+    submit("sleepy.py", _method_file(models, hook), time_limit=25)
     done = run()
-    assert done.status == "timed_out" and "time limit of 40 s" in done.error
+    assert done.status == "timed_out" and "time limit of 25 s" in done.error
     assert "merged with linear" in done.log and "inferring" in done.log, done.log
 
 

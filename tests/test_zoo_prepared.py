@@ -110,12 +110,16 @@ def test_each_expert_beats_the_base_on_its_own_validation_task(zoo):
     base = LanguageModel.load(f"zoo:{BASE_NAME}")  # dtype auto: fp32 where bf16 is emulated
     for name in expert_names():
         (path,) = task_files("validation", [name])
-        task = load_task(path, limit=24)
+        task = load_task(path, limit=12)  # the experts win by far more than 0.2
         task.name = name
         (base_result,) = evaluate(base, [task], batch_size=8)
         expert = LanguageModel.load(f"zoo:{BASE_NAME}", adapter=EXPERTS_DIR / name)
         (expert_result,) = evaluate(expert, [task], batch_size=8)
-        assert expert_result.main_value >= base_result.main_value + 0.2, name
+        assert expert_result.main_value >= base_result.main_value + 0.2, (
+            name,
+            base_result.main_value,
+            expert_result.main_value,
+        )
 
 
 @pytest.mark.slow
