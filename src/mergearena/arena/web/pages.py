@@ -22,6 +22,8 @@ from mergearena.arena.web.deps import (
     OrganizerOnly,
     SessionDep,
     SettingsDep,
+    TeamDep,
+    current_team,
     get_settings,
     is_organizer,
     read_upload,
@@ -133,7 +135,7 @@ def _may_read(request: Request, session: SessionDep, submission: Submission) -> 
     if service.is_awarded(session, submission.id) or is_organizer(request):
         return True
     try:
-        return service.team_for_token(session, request.cookies.get(TEAM_COOKIE)) == submission.team
+        return current_team(request, session) == submission.team
     except AuthError:
         return False
 
@@ -203,16 +205,11 @@ def team_login(
 
 
 @pages.post("/team/rotate", response_class=HTMLResponse)
-def team_rotate(request: Request, session: SessionDep) -> HTMLResponse:
-    team = _signed_in_team(request, session)
-    token = service.rotate_token(session, team)
-    response = _team_page(request, session, team, token)
+def team_rotate(request: Request, session: SessionDep, me: TeamDep) -> HTMLResponse:
+    token = service.rotate_token(session, me)
+    response = _team_page(request, session, me, token)
     _keep_cookie(response, TEAM_COOKIE, token)
     return response
-
-
-def _signed_in_team(request: Request, session: SessionDep) -> Team:
-    return service.team_for_token(session, request.cookies.get(TEAM_COOKIE))
 
 
 def _to_team() -> RedirectResponse:
@@ -221,25 +218,24 @@ def _to_team() -> RedirectResponse:
 
 @pages.post("/team/writeup")
 async def team_writeup(
-    request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    me: TeamDep,
     submission_id: Annotated[int, Form()],
     file: Annotated[UploadFile, File()],
 ) -> RedirectResponse:
-    team = _signed_in_team(request, session)
     content = await read_upload(file)
     service.attach_writeup(
-        session, settings.data_dir, team, submission_id, file.filename or "writeup", content
+        session, settings.data_dir, me, submission_id, file.filename or "writeup", content
     )
     return _to_team()
 
 
 @pages.post("/team/final")
 def team_final(
-    request: Request, session: SessionDep, submission_id: Annotated[int, Form()]
+    session: SessionDep, me: TeamDep, submission_id: Annotated[int, Form()]
 ) -> RedirectResponse:
-    service.choose_final(session, _signed_in_team(request, session), submission_id)
+    service.choose_final(session, me, submission_id)
     return _to_team()
 
 
