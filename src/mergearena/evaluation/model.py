@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +45,18 @@ def parse_device(name: str) -> torch.device:
 
 @contextlib.contextmanager
 def _quiet_transformers():
+    """transformers' and PEFT's loading chatter off: their info logs, progress bars, and PEFT
+    0.21's read of transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning on
+    every adapter it loads, noise for a user)."""
     from transformers.utils import logging
 
     previous = logging.get_verbosity()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            yield
     finally:
         logging.set_verbosity(previous)
 

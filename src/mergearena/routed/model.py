@@ -17,7 +17,6 @@ hands row r the prompt ``owner[r]`` of its batch; its fallback selects rows with
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +186,7 @@ def load_routed(
     base = _load_model(base_dir, torch_dtype)
     if getattr(base.config, "is_encoder_decoder", False):
         raise CheckpointError(f"{directory}: routed models need a decoder-only base model")
-    with _quiet_transformers(), warnings.catch_warnings():
-        # PEFT 0.21 reads transformers' deprecated is_gradient_checkpointing: noise for a user.
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+    with _quiet_transformers():
         peft_model = _with_experts(base, directory, manifest)
     centroids = None
     if not isinstance(manifest.router, ArrowRouter):

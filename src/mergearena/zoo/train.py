@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from mergearena.checkpoints.writer import atomic_directory, save_safetensors
-from mergearena.evaluation.model import LanguageModel
+from mergearena.evaluation.model import LanguageModel, _quiet_transformers
 from mergearena.evaluation.runner import render_prompt
 from mergearena.evaluation.scoring import encode_choices, encode_prompts
 from mergearena.evaluation.tasks import GENERATION, Task
@@ -115,7 +115,8 @@ def train_expert(
         target_modules=list(settings.target_modules),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(lm.model, config)
+    with _quiet_transformers():
+        model = get_peft_model(lm.model, config)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
