@@ -421,6 +421,16 @@ def test_dare_keep_decisions_do_not_depend_on_the_block_size():
     assert abs(whole.float().mean().item() - 0.3) < 0.02
 
 
+def test_dare_keep_probability_is_resolved_below_the_16_bit_words():
+    """A density between two multiples of 2⁻¹⁶ keeps at its own rate, not at either neighbour's
+    (the ties of the 16-bit words are settled by a second stream)."""
+    from mergearena.methods.task_arithmetic import KeepStream
+
+    density, count = 1.5 / 2**16, 1 << 24  # 384 expected; 256 or 512 if rounded to 2⁻¹⁶
+    kept = KeepStream(density, seeded(7)).next_(torch.empty(count, dtype=torch.uint8))
+    assert abs(int(kept.sum()) - density * count) < 5 * math.sqrt(density * count)
+
+
 def test_magnitude_prune_matches_mergekit_on_distinct_magnitudes():
     delta = torch.randn(37, 29, generator=seeded(6))
     for density in (0.0, 0.01, 0.3, 0.999, 1.0):

@@ -334,19 +334,21 @@ def plan_merge(
         raise
 
 
-def _sum_is_finite(tensor: torch.Tensor) -> torch.Tensor:
-    """A one-element bool tensor on the tensor's device: whether its float32 sum is finite.
+def _finite_flag(tensor: torch.Tensor) -> torch.Tensor:
+    """A one-element bool tensor on the tensor's device: whether no element is NaN or ±Inf.
 
-    A NaN or Inf element makes the sum non-finite, so a finite sum proves the tensor finite with
-    one reduction, queued on the device without waiting for it. Only a non-finite sum (a NaN, an
-    Inf, or finite values too large to add up) needs ``_all_finite``'s element-wise check.
+    The smallest and largest elements are finite exactly when every element is (a NaN makes both
+    NaN), found in one reduction queued on the device without waiting for it; ``aminmax`` reads
+    bf16 as fast as any reduction, where a float32 ``sum`` of bf16 was 20× slower on a CPU.
     """
-    return torch.isfinite(tensor.sum(dtype=torch.float32))
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    return torch.isfinite(torch.stack(torch.aminmax(tensor))).all()
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """Whether no element is NaN or ±Inf (see ``_sum_is_finite``)."""
-    return bool(_sum_is_finite(tensor)) or bool(torch.isfinite(tensor).all())
+    """Whether no element is NaN or ±Inf (``_finite_flag``, waited for)."""
+    return bool(_finite_flag(tensor))
 
 
 def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
@@ -404,11 +406,11 @@ class _Executor:
     ) -> None:
         """Stop the merge if the output tensor (about to be written) is not finite.
 
-        ``finite`` is the flag ``compute`` queued with the result; only when it is false are the
-        elements checked, and then the inputs are read again to say whose fault it is: a NaN or
-        Inf in an input is a corrupt checkpoint, otherwise the method produced it.
+        ``finite`` is the flag ``compute`` queued with the result (``_finite_flag``); only when it
+        is false are the inputs read again to say whose fault it is: a NaN or Inf in an input is a
+        corrupt checkpoint, otherwise the method produced it.
         """
-        if finite is None or bool(finite) or bool(torch.isfinite(output).all()):
+        if finite is None or bool(finite):
             return
         sources = ([self.plan.base] if self.plan.base is not None else []) + self.plan.inputs
         for source in sources:
@@ -434,14 +436,14 @@ class _Executor:
     def compute(
         self, task: TensorTask, base: torch.Tensor | None, inputs: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The output tensor, and (for merged tensors) a queued flag: is its sum finite."""
+        """The output tensor, and (for merged tensors) a queued flag: is it finite."""
         if not task.merge:  # a non-float tensor, copied
             assert base is not None
             return base, None
         if task.unchanged:  # the base's own tensor in every input, copied (checked like a result)
             assert base is not None
             result = base.to(task.out_dtype)
-            return result, _sum_is_finite(result)
+            return result, _finite_flag(result)
         method = self.plan.method
         arguments = dict(task.arguments)
         if base is not None:
@@ -458,7 +460,7 @@ class _Executor:
                 f"expected {task.shape}"
             )
         result = result.to(task.out_dtype)
-        return result, _sum_is_finite(result)
+        return result, _finite_flag(result)
 
 
 class _Arrival:
