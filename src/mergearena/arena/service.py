@@ -13,6 +13,7 @@ import io
 import json
 import secrets
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -775,10 +776,13 @@ def leaderboard(session: Session, phase: Phase, mode: str | None = None) -> list
     ]
 
 
-def score_history(session: Session, phase: Phase) -> list[tuple[str, bool, dt.datetime, float]]:
-    """Every scored, qualified submission of the phase as (team, is baseline, submitted at,
-    average), oldest first, for the progress chart; empty while the phase hides scores."""
-    if not phase.scores_visible:
+def score_history(
+    session: Session, phase: Phase, teams: Collection[str]
+) -> list[tuple[str, bool, dt.datetime, float]]:
+    """Every scored, qualified submission of ``teams`` in the phase as (team, is baseline,
+    submitted at, average), oldest first, for the progress chart; empty while the phase hides
+    scores."""
+    if not phase.scores_visible or not teams:
         return []
     rows = session.execute(
         select(Team.name, Team.is_baseline, Submission.created_at, Submission.average)
@@ -788,19 +792,23 @@ def score_history(session: Session, phase: Phase) -> list[tuple[str, bool, dt.da
             Submission.status == "scored",
             Submission.disqualified.is_(False),
             Submission.average.is_not(None),
+            Team.name.in_(list(teams)),
         )
         .order_by(Submission.created_at, Submission.id)
     )
     return [(r.name, r.is_baseline, r.created_at, r.average) for r in rows]
 
 
-def efficiency_board(session: Session, phase: Phase) -> list[BoardRow]:
+def efficiency_board(
+    session: Session, phase: Phase, best: list[BoardRow] | None = None
+) -> list[BoardRow]:
     """The efficiency track: each team's best submission that beats every baseline's average,
     ranked by what its run cost (seconds of merge and inference together), ties by score. Empty
-    while the phase hides scores; with no baseline, every scored team qualifies."""
+    while the phase hides scores; with no baseline, every scored team qualifies. ``best``: the
+    phase's board in mode ``best``, where the caller has it already."""
     if not phase.scores_visible:
         return []
-    rows = leaderboard(session, phase, "best")
+    rows = best if best is not None else leaderboard(session, phase, "best")
     bar = max((r.average or 0.0 for r in rows if r.baseline), default=None)
     entrants = [
         r

@@ -122,13 +122,16 @@ def leaderboard(
     mode: str | None = None,
 ) -> LeaderboardOut:
     found = service.get_phase(only_competition(session, competition), phase)
+    rows = service.leaderboard(session, found, mode)
+    mode = mode or found.competition.board_mode
+    best = rows if mode == "best" else None
     return LeaderboardOut(
         competition=found.competition.slug,
         phase=found.name,
         scores_visible=found.scores_visible,
         tasks=[t.name for t in found.tasks],
-        rows=[BoardRowOut.of(r) for r in service.leaderboard(session, found, mode)],
-        efficiency=[BoardRowOut.of(r) for r in service.efficiency_board(session, found)],
+        rows=[BoardRowOut.of(r) for r in rows],
+        efficiency=[BoardRowOut.of(r) for r in service.efficiency_board(session, found, best)],
     )
 
 

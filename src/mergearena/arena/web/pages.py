@@ -78,7 +78,10 @@ def board(
     competition = service.get_competition(session, slug)
     found = service.get_phase(competition, phase)
     rows = service.leaderboard(session, found)
-    history = [charts.Point(*row) for row in service.score_history(session, found)]
+    best = rows if competition.board_mode == "best" else service.leaderboard(session, found, "best")
+    # The chart draws the teams with the best scores: only their histories are read.
+    leaders = list(dict.fromkeys(r.team for r in best if r.average is not None))
+    history = service.score_history(session, found, leaders[: charts.MAX_TEAMS])
     scored = [r for r in rows if r.average is not None]
     return page(
         request,
@@ -86,9 +89,9 @@ def board(
         competition=competition,
         phase=found,
         rows=rows,
-        efficiency=service.efficiency_board(session, found),
+        efficiency=service.efficiency_board(session, found, best),
         mc_rule_note=MC_RULE_NOTES.get(competition.mc_rule, ""),
-        progress_svg=charts.progress_svg(history),
+        progress_svg=charts.progress_svg([charts.Point(*row) for row in history]),
         chart_teams=charts.MAX_TEAMS,
         distribution_svg=charts.distribution_svg(
             [r.average for r in scored if not r.baseline], [r.average for r in scored if r.baseline]
