@@ -149,7 +149,7 @@ def test_demo_ranks_base_experts_and_merges(zoo, tmp_path):
     out = tmp_path / "demo"
     recipe = REPO / "recipes" / "zoo-task-arithmetic.yaml"
     result = CliRunner().invoke(
-        app, ["demo", "--out", str(out), "--limit", "3", "--recipes", str(recipe), "--quiet"]
+        app, ["demo", "--out", str(out), "--limit", "1", "--recipes", str(recipe), "--quiet"]
     )
     assert result.exit_code == 0, result.output
     document = json.loads((out / "leaderboard.json").read_text())
