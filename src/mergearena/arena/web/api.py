@@ -99,12 +99,12 @@ public = APIRouter(prefix="/api", tags=["public"])
 
 @public.get("/competitions")
 def list_competitions(session: SessionDep) -> list[CompetitionOut]:
-    return [CompetitionOut.of(c) for c in service.competitions(session)]
+    return [CompetitionOut.model_validate(c) for c in service.competitions(session)]
 
 
 @public.get("/competitions/{slug}")
 def get_competition(slug: str, session: SessionDep) -> CompetitionOut:
-    return CompetitionOut.of(service.get_competition(session, slug))
+    return CompetitionOut.model_validate(service.get_competition(session, slug))
 
 
 @public.get("/competitions/{slug}/winners")
@@ -125,13 +125,14 @@ def leaderboard(
     rows = service.leaderboard(session, found, mode)
     mode = mode or found.competition.board_mode
     best = rows if mode == "best" else None
+    efficiency = service.efficiency_board(session, found, best)
     return LeaderboardOut(
         competition=found.competition.slug,
         phase=found.name,
         scores_visible=found.scores_visible,
         tasks=[t.name for t in found.tasks],
-        rows=[BoardRowOut.of(r) for r in rows],
-        efficiency=[BoardRowOut.of(r) for r in service.efficiency_board(session, found, best)],
+        rows=[BoardRowOut.model_validate(r) for r in rows],
+        efficiency=[BoardRowOut.model_validate(r) for r in efficiency],
     )
 
 
@@ -222,7 +223,7 @@ def create_competition(body: CompetitionIn, session: SessionDep) -> CompetitionO
     competition = service.create_competition(session, spec)
     for phase in body.phases:
         service.add_phase(session, competition, phase["name"], phase["kind"])
-    return CompetitionOut.of(competition)
+    return CompetitionOut.model_validate(competition)
 
 
 @organizer.post("/competitions/{slug}/phases", status_code=201)
@@ -234,7 +235,7 @@ def add_phase(
 ) -> CompetitionOut:
     competition = service.get_competition(session, slug)
     service.add_phase(session, competition, name, kind)
-    return CompetitionOut.of(competition)
+    return CompetitionOut.model_validate(competition)
 
 
 @organizer.post("/competitions/{slug}/phases/{phase}/tasks", status_code=201)
@@ -248,7 +249,7 @@ async def add_task(
 ) -> TaskOut:
     found = service.get_phase(service.get_competition(session, slug), phase)
     task = service.add_task(session, settings.data_dir, found, name, await read_upload(file))
-    return TaskOut(name=task.name, examples=task.examples, main_metric=task.main_metric)
+    return TaskOut.model_validate(task)
 
 
 @organizer.post("/competitions/{slug}/calibration", status_code=201)
@@ -262,7 +263,7 @@ async def add_calibration(
     competition = service.get_competition(session, slug)
     content = await read_upload(file)
     added = service.add_calibration(session, settings.data_dir, competition, name, content)
-    return CalibrationOut(name=added.name, examples=added.examples)
+    return CalibrationOut.model_validate(added)
 
 
 @organizer.post("/baselines", status_code=201)
@@ -291,7 +292,7 @@ def run_finals(slug: str, session: SessionDep) -> QueuedOut:
 def close_phase(slug: str, phase: str, session: SessionDep) -> CompetitionOut:
     competition = service.get_competition(session, slug)
     service.close_phase(session, service.get_phase(competition, phase))
-    return CompetitionOut.of(competition)
+    return CompetitionOut.model_validate(competition)
 
 
 @organizer.post("/submissions/{submission_id}/{action}")

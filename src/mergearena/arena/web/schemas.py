@@ -6,9 +6,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, PlainSerializer
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
-from mergearena.arena import service
 from mergearena.arena.db import Award, Competition, Submission, Writeup
 
 # The database keeps naive UTC; the API says so ("...Z").
@@ -17,18 +16,24 @@ UtcTime = Annotated[
 ]
 
 
-class TaskOut(BaseModel):
+class _FromRows(BaseModel):
+    """A model read from a database object's attributes (``Model.model_validate(row)``)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class TaskOut(_FromRows):
     name: str
     examples: int
     main_metric: str
 
 
-class CalibrationOut(BaseModel):
+class CalibrationOut(_FromRows):
     name: str  # read in a job at $MERGEARENA_CALIBRATION/<name>.csv
     examples: int
 
 
-class PhaseOut(BaseModel):
+class PhaseOut(_FromRows):
     name: str
     kind: str
     closed: bool
@@ -36,7 +41,7 @@ class PhaseOut(BaseModel):
     tasks: list[TaskOut]
 
 
-class CompetitionOut(BaseModel):
+class CompetitionOut(_FromRows):
     slug: str
     name: str
     rules: str
@@ -51,31 +56,6 @@ class CompetitionOut(BaseModel):
     board_mode: str
     calibration: list[CalibrationOut]
     phases: list[PhaseOut]
-
-    @classmethod
-    def of(cls, competition: Competition) -> CompetitionOut:
-        return cls(
-            **{name: getattr(competition, name) for name in _COMPETITION_FIELDS},
-            calibration=[
-                CalibrationOut(name=f.name, examples=f.examples) for f in competition.calibration
-            ],
-            phases=[
-                PhaseOut(
-                    name=p.name,
-                    kind=p.kind,
-                    closed=p.closed,
-                    scores_visible=p.scores_visible,
-                    tasks=[
-                        TaskOut(name=t.name, examples=t.examples, main_metric=t.main_metric)
-                        for t in p.tasks
-                    ],
-                )
-                for p in competition.phases
-            ],
-        )
-
-
-_COMPETITION_FIELDS = set(CompetitionOut.model_fields) - {"calibration", "phases"}
 
 
 class Costs(BaseModel):
@@ -149,7 +129,9 @@ def submission_out(submission: Submission, *, private: bool) -> SubmissionOut:
     )
 
 
-class BoardRowOut(BaseModel):
+class BoardRowOut(_FromRows):
+    """A row of ``service.leaderboard`` (its ``costs`` keep only the keys ``Costs`` names)."""
+
     rank: int | None  # None while the phase hides scores
     submission_id: int
     name: str
@@ -159,11 +141,6 @@ class BoardRowOut(BaseModel):
     scores: dict[str, float | None]
     submitted_at: UtcTime
     costs: Costs
-
-    @classmethod
-    def of(cls, row: service.BoardRow) -> BoardRowOut:
-        known = {k: v for k, v in row.costs.items() if k in Costs.model_fields}
-        return cls(**{**vars(row), "costs": Costs(**known)})
 
 
 class LeaderboardOut(BaseModel):
