@@ -575,7 +575,7 @@ def test_models_without_logits_to_keep_score_the_same(monkeypatch):
 
 
 def test_allocator_tuning_can_be_turned_off(monkeypatch):
-    from mergearena.evaluation.scoring import tune_cpu_allocator
+    from mergearena.malloc import tune_cpu_allocator
 
     monkeypatch.setenv("MERGEARENA_NO_MALLOC_TUNING", "1")
     assert tune_cpu_allocator.__wrapped__() is False

@@ -39,6 +39,7 @@ from mergearena.checkpoints import (
 from mergearena.checkpoints.refs import split_adapter_ref
 from mergearena.checkpoints.staging import Stager
 from mergearena.errors import CheckpointError, MergeError, RecipeError, ShapeMismatchError
+from mergearena.malloc import tune_cpu_allocator
 from mergearena.methods import LoraFactors, MethodSpec
 from mergearena.recipe import Recipe, evaluate_setting, parse_recipe
 
@@ -746,6 +747,8 @@ def merge(
         torch.set_num_threads(threads)
     out = Path(out)
     plan, opener = plan_merge(parsed, resolve=resolve, allow_download=allow_download)
+    if torch_device.type == "cpu":
+        tune_cpu_allocator()
     try:
         with atomic_directory(out, overwrite=overwrite) as directory:
             if plan.method.output == "adapter":
@@ -822,6 +825,8 @@ def merge_to_state_dict(
                 f"method"
             )
         executor = _Executor(plan, torch.device(device))
+        if executor.device.type == "cpu":
+            tune_cpu_allocator()
         weights = {}
         for task in plan.tasks:
             base, inputs = (cache or TensorCache(0)).read(executor, task)

@@ -34,12 +34,9 @@ from __future__ import annotations
 
 import bisect
 import copy
-import ctypes
 import functools
 import inspect
 import itertools
-import os
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +46,7 @@ import torch
 from mergearena.errors import EvaluationError
 from mergearena.evaluation.model import LanguageModel, _quiet_transformers
 from mergearena.evaluation.tasks import MC_RULES
+from mergearena.malloc import tune_cpu_allocator
 
 Progress = Callable[[int], None]
 
@@ -63,27 +61,6 @@ class ChoiceScores:
         """The first choice with the highest score (as torch.max picks)."""
         best = max(self.scores)
         return self.scores.index(best)
-
-
-@functools.cache
-def tune_cpu_allocator() -> bool:
-    """Keep freed memory in glibc's heap instead of returning it to the system at once.
-
-    Scoring allocates and frees large activations and logits every batch; with glibc's defaults
-    each one is a fresh mmap whose pages fault in again, which cost ~10% of CPU scoring time
-    (measured: 12.0 s -> 10.9 s on 40 CosmosQA rows). Blocks up to 1 GiB come from the heap and
-    up to 2 GiB of free heap is kept. Process-wide, once; only with glibc; opt out with
-    MERGEARENA_NO_MALLOC_TUNING=1. Returns whether the settings were applied.
-    """
-    if os.environ.get("MERGEARENA_NO_MALLOC_TUNING") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 31))
 
 
 @functools.cache
