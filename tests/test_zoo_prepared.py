@@ -163,6 +163,33 @@ def test_demo_ranks_base_experts_and_merges(zoo, tmp_path):
 
 
 @pytest.mark.slow
+def test_scoring_processes_rank_as_one_process_does(zoo, tmp_path):
+    from mergearena.zoo.leaderboard import run_leaderboard
+
+    recipe = REPO / "recipes" / "zoo-linear.yaml"
+    boards = []
+    for workers in (1, 2):
+        lines: list[str] = []
+        rows = run_leaderboard(
+            [recipe],
+            tmp_path / f"board-{workers}",
+            limit=3,
+            tasks=["spam", "arithmetic"],
+            include_experts=False,
+            workers=workers,
+            log=lines.append,
+        )
+        boards.append([(row.name, row.kind, row.scores) for row in rows])
+        assert sorted(line.split(":")[0] for line in lines if line.startswith("scored")) == [
+            "scored base",
+            "scored linear",
+        ]
+        document = json.loads((tmp_path / f"board-{workers}" / "leaderboard.json").read_text())
+        assert document["dtype"] in ("float32", "bfloat16")  # what auto chose, not "auto"
+    assert boards[0] == boards[1]
+
+
+@pytest.mark.slow
 def test_eval_takes_a_zoo_adapter_as_the_model_or_as_the_adapter(zoo, tmp_path):
     (path,) = task_files("validation", ["spam"])
     runner = CliRunner()

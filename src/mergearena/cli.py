@@ -690,10 +690,17 @@ def demo(
     split: Annotated[str, typer.Option(help="Task split to score: test or validation.")] = "test",
     limit: Annotated[
         int, typer.Option(help="Rows per task (0: the whole split, 300 per task).")
-    ] = 50,
+    ] = 25,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "auto",
     batch_size: BatchSizeOption = "auto",
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Models scored at once, each in its own process (0: one per CPU core, at most "
+            "4, sharing the cores; 1 on a GPU)."
+        ),
+    ] = 0,
     quiet: QuietOption = False,
 ) -> None:
     """The main job: prepare the zoo, merge its experts, and rank base, experts and merges.
@@ -715,6 +722,7 @@ def demo(
             device=device,
             dtype=dtype,
             batch_size=size,
+            workers=workers or None,
             overwrite=True,
             progress=not quiet and console.is_terminal,
             log=lambda line: None if quiet else console.print(line, highlight=False),
