@@ -162,6 +162,13 @@ def test_demo_ranks_base_experts_and_merges(zoo, tmp_path):
     assert "zoo leaderboard" in result.output
 
 
+def test_demo_refuses_a_negative_worker_count(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--workers", "-1"])
+    assert result.exit_code != 0
+    assert "--workers must be 0 (one per CPU core) or more, got -1" in result.output
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.slow
 def test_scoring_processes_rank_as_one_process_does(zoo, tmp_path):
     from mergearena.zoo.leaderboard import run_leaderboard

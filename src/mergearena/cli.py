@@ -712,6 +712,8 @@ def demo(
 
     try:
         size, _ = _evaluation_options(batch_size, None, limit or None)
+        if workers < 0:
+            raise MergeArenaError(f"--workers must be 0 (one per CPU core) or more, got {workers}")
         _print_dtype(dtype, device, quiet)
         chosen = recipes or default_recipes()
         rows = run_leaderboard(
