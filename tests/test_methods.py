@@ -210,6 +210,22 @@ def test_linear_by_hand():
         linear([a, b], weight=[1.0, -1.0])
 
 
+def test_linear_works_large_tensors_in_blocks_with_the_same_bits():
+    from mergearena.methods.linear import _BLOCK
+
+    rows = (_BLOCK // 1000) * 2 + 3  # more than two blocks, the last one short
+    generator = seeded(1)
+    models = [torch.randn(rows, 1000, generator=generator).to(torch.bfloat16) for _ in range(3)]
+    weights = [0.2, 0.5, 0.3]
+    expected = models[0].float().clone()
+    for model, weight in zip(models[1:], weights[1:], strict=True):
+        expected.add_(model.float() - models[0].float(), alpha=weight)
+    result = linear(models, weight=weights)
+    assert result.dtype == torch.float32 and result.shape == (rows, 1000)
+    assert torch.equal(result, expected)
+    assert torch.equal(linear([models[0], models[0]], weight=[0.4, 0.6]), models[0].float())
+
+
 def test_passthrough_returns_the_model_optionally_scaled():
     a = t([1.0, -2.0])
     assert passthrough([a]) is a
