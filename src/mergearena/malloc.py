@@ -6,7 +6,8 @@ whose pages fault in on first touch and are unmapped when freed: a 5632×2048 fl
 vector spent 25 ms of its merge's 87 ms faulting its pages in. Measured on 2 AVX2 cores,
 ``bench/merge_speed.py --tools mergearena --repeat 3`` on three 0.79B checkpoints: DARE-TIES
 11.0 s to 8.4 s, linear 8.3 s to 5.9 s, peak RSS +8% and +10%; CPU scoring of 40 CosmosQA rows
-12.0 s to 10.9 s. Blocks from 128 MiB up (an embedding's float32 copy) are still mapped and
+12.0 s to 10.9 s (with a 1 GiB threshold; 128 MiB scored the same within the run-to-run spread,
+bench/README.md). Blocks from 128 MiB up (an embedding's float32 copy) are still mapped and
 returned at once, because kept in the heap they fragment it: raising the threshold to 1 GiB
 added another 500 MB to the linear merge's peak for no speed.
 """
@@ -19,7 +20,7 @@ import os
 import sys
 
 MMAP_THRESHOLD = 128 << 20  # blocks this large or larger are mapped on their own
-TRIM_THRESHOLD = 2 << 30  # free memory kept at the top of the heap
+TRIM_THRESHOLD = (2 << 30) - 1  # free memory kept at the top of the heap (an int: 2 GiB at most)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 
 
@@ -35,5 +36,5 @@ def tune_cpu_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD - 1)  # an int: 2 GiB - 1 at most
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )

@@ -43,13 +43,14 @@ def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float]) -> Ten
     flat_total, first = total.view(-1), tensors[0].reshape(-1)
     # The differences a block at a time: a whole-tensor buffer was another float32 copy of the
     # largest tensor (262 MB of an embedding) at the merge's peak. Element-wise, so the same bits.
-    difference = torch.empty(min(total.numel(), _BLOCK), dtype=torch.float32, device=total.device)
+    size = total.numel()
+    difference = torch.empty(min(size, _BLOCK), dtype=torch.float32, device=total.device)
     for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
         flat = tensor.reshape(-1)
-        for start in range(0, total.numel(), _BLOCK):
-            block = slice(start, start + _BLOCK)
-            part = difference[: flat_total[block].numel()]
-            flat_total[block].add_(part.copy_(flat[block]).sub_(first[block]), alpha=weight)
+        for start in range(0, size, _BLOCK):
+            stop = min(start + _BLOCK, size)
+            part = difference[: stop - start].copy_(flat[start:stop]).sub_(first[start:stop])
+            flat_total[start:stop].add_(part, alpha=weight)
     return total
 
 

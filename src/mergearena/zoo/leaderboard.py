@@ -151,12 +151,15 @@ def run_leaderboard(
             row.seconds = round(row.seconds + seconds, 1)
             log(f"scored {row.name}: average {row.average:.4f} ({row.seconds:.0f} s)")
 
-        def merged(name: str, recipe: Any) -> None:
+        merge_rows = {r.name: r for r in rows if r.kind == "merge"}
+
+        def merged(name: str, recipe: Any) -> Row:
             started = time.perf_counter()
             merge(recipe, where[name])
-            seconds = time.perf_counter() - started
-            log(f"merged {name} ({recipe.method.name}) in {seconds:.1f} s")
-            next(r for r in rows if r.name == name and r.kind == "merge").seconds = seconds
+            row = merge_rows[name]
+            row.seconds = time.perf_counter() - started
+            log(f"merged {name} ({recipe.method.name}) in {row.seconds:.1f} s")
+            return row
 
         arguments = (loaded, device, dtype, batch_size)
         if processes == 1:
@@ -184,7 +187,7 @@ def _score_in_processes(
     where: dict[str, str],
     arguments: tuple,
     processes: int,
-    merged: Callable[[str, Any], None],
+    merged: Callable[[str, Any], Row],
     scored: Callable[[Row, dict[str, float], float], None],
 ) -> None:
     """Score ``rows`` in ``processes`` new processes that share the cores: the base and the
@@ -201,9 +204,9 @@ def _score_in_processes(
             if row.kind != "merge":
                 pending[pool.submit(_score, where[row.name], row.adapter, *arguments, False)] = row
         for name, recipe in parsed:
-            merged(name, recipe)
-            row = next(r for r in rows if r.name == name and r.kind == "merge")
-            pending[pool.submit(_score, where[name], None, *arguments, False)] = row
+            pending[pool.submit(_score, where[name], None, *arguments, False)] = merged(
+                name, recipe
+            )
         for future in as_completed(pending):
             scored(pending[future], *future.result())
     except BrokenProcessPool as error:
