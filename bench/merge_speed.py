@@ -42,6 +42,9 @@ DEFAULT_MERGEARENA = REPO_ROOT / ".venv" / "bin" / "mergearena"
 
 ALL_METHODS = ("linear", "ties", "dare_ties")
 DETERMINISTIC = {"linear", "ties"}
+# bench/README.md's targets: speedup mergekit/mergearena per method, and peak RSS at most half.
+TARGET_SPEEDUP = {"linear": 1.0, "ties": 8.0, "dare_ties": 5.0}
+TARGET_RSS_RATIO = 2.0
 ALL_TOOLS = ("mergekit", "mergearena")
 
 # Bump when the generated checkpoints change, so old caches are not reused.
@@ -571,6 +574,40 @@ def print_table(rows: list[dict], tools, title: str) -> None:
     console.print(table)
 
 
+def markdown_table(payload: dict) -> str:
+    """bench/README.md's table of a ``--json`` file of both tools: medians with every run, peak
+    RSS, the ratios, agreement and whether the targets are met."""
+    lines = [
+        "| method | mergekit wall (runs) | mergekit peak RSS | mergearena wall (runs) "
+        "| mergearena peak RSS | speedup mk/ma | RSS mk/ma | max \\|diff\\| | target met? |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["summary"]:
+        method, cells = row["method"], [row["method"]]
+        for tool in ("mergekit", "mergearena"):
+            walls = [
+                r["wall_s"]
+                for r in payload["runs"]
+                if r["tool"] == tool and r["method"] == method and r["returncode"] == 0
+            ]
+            runs = ", ".join(f"{w:.1f}" for w in walls)
+            cells += [
+                f"{_fmt(row[f'{tool}_wall_s'], '.1f', ' s')} ({runs})",
+                _fmt(row[f"{tool}_peak_rss_mb"], ",.0f", " MiB"),
+            ]
+        speedup, rss = row["speedup"], row["rss_ratio"]
+        fast = speedup is not None and speedup >= TARGET_SPEEDUP[method]
+        lean = rss is not None and rss >= TARGET_RSS_RATIO
+        cells += [
+            _fmt(speedup, ".2f", "×"),
+            _fmt(rss, ".2f", "×"),
+            _fmt(row["max_abs_diff"], ".3g") if method in DETERMINISTIC else "n/a (random)",
+            f"speed {'yes' if fast else '**no**'}, RSS {'yes' if lean else '**no**'}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -645,6 +682,12 @@ def parse_args(argv=None):
         help="runs per tool and method (table: median wall time, max peak RSS)",
     )
     p.add_argument("--json", type=Path, default=None, help="write all runs and the summary here")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="print bench/README.md's table of an earlier --json file of both tools, and stop",
+    )
     p.add_argument("--density", type=float, default=0.5, help="density for ties and dare_ties")
     p.add_argument(
         "--noise",
@@ -665,6 +708,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads(args.markdown.read_text())))
+        return 0
     for tool in args.tools:
         exe = args.mergekit_bin if tool == "mergekit" else args.mergearena_bin
         if not Path(exe).exists():
