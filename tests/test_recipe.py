@@ -1,9 +1,12 @@
 """Recipe parsing and validation: every mistake is caught before a tensor is read, with a fix."""
 
+import codecs
+import time
+
 import pytest
 
 from mergearena.errors import RecipeError
-from mergearena.recipe import evaluate_setting, parse_recipe
+from mergearena.recipe import evaluate_setting, load_yaml, parse_recipe
 
 
 def ties_recipe(**overrides):
@@ -154,3 +157,48 @@ def test_layer_stacking_slices_are_refused_clearly():
 def test_mergekit_options_we_do_not_implement_are_named_not_called_unknown():
     with pytest.raises(RecipeError, match="mergekit's 'chat_template' option is not supported"):
         parse_recipe(ties_recipe(chat_template="chatml"))
+
+
+# --- reading YAML: one bounded loader for files, strings and the arena's uploads -----------------
+
+
+def test_anchors_and_merge_keys_within_the_limits_still_work():
+    text = (
+        "merge_method: ties\nbase_model: base\n"
+        "models:\n  - model: a\n    parameters: &defaults {weight: 0.5, density: 0.5}\n"
+        "  - model: b\n    parameters: {<<: *defaults, weight: 0.7}\n"
+    )
+    recipe = parse_recipe(text)
+    assert recipe.models[1].parameters == {"weight": 0.7, "density": 0.5}
+
+
+def test_a_duplicate_key_is_refused_in_recipe_text_too():
+    text = "merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: 1, weight: 2}}\n"
+    with pytest.raises(RecipeError, match=r"duplicate key 'weight' on line 3 \(first on line 3\)"):
+        parse_recipe(text)
+
+
+def test_an_alias_bomb_in_recipe_text_is_refused_before_it_is_built():
+    levels = "&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"
+    for level in range(1, 12):
+        levels = f"&a{level} [{levels}, " + ", ".join([f"*a{level - 1}"] * 9) + "]"
+    text = f"merge_method: linear\nmodels:\n  - {{model: a, parameters: {{weight: {levels}}}}}\n"
+    started = time.perf_counter()
+    with pytest.raises(RecipeError, match=r"recipe, line 3: the YAML expands to more than 100,000"):
+        parse_recipe(text)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_recipe_bytes_are_utf8_with_or_without_a_byte_order_mark():
+    assert load_yaml(codecs.BOM_UTF8 + "merge_method: linéaire\n".encode()) == {
+        "merge_method": "linéaire"
+    }
+    with pytest.raises(RecipeError, match=r"upload.yaml: is UTF-16 or UTF-32 text"):
+        load_yaml("merge_method: linear\n".encode("utf-16"), "upload.yaml")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), "nan", 10**400])
+def test_a_parameter_that_is_not_a_finite_number_is_refused_by_name(value):
+    models = [{"model": "a", "parameters": {"weight": 1, "density": value}}]
+    with pytest.raises(RecipeError, match=r"'density' of ties must be a finite number"):
+        parse_recipe(ties_recipe(models=models))

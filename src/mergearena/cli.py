@@ -29,8 +29,11 @@ def _print_wide(table: Table) -> None:
     Console(width=max(console.width, 120)).print(table)
 
 
-def _fail(error: Exception) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+def _fail(error: Exception | str) -> typer.Exit:
+    """Print ``error`` as given: its text is never read as rich markup (a path or a recipe value
+    with ``[/x]`` in it is printed as it is, not parsed), nor wrapped (a path stays copyable)."""
+    message = Text.assemble(("error:", "bold red"), " ", str(error))
+    errors.print(message, highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -107,20 +110,31 @@ def merge(
     quiet: QuietOption = False,
 ) -> None:
     """Merge the models a recipe names into a Hugging Face checkpoint at OUT."""
+    from mergearena.engine import check_merge
     from mergearena.engine import merge as run_merge
-    from mergearena.engine import plan_merge
     from mergearena.recipe import parse_recipe
 
     try:
         max_shard_bytes = _parse_size(shard_size)
         parsed = parse_recipe(recipe)
         if dry_run:
-            plan, opener = plan_merge(parsed, allow_download=allow_download)
+            plan, opener = check_merge(
+                parsed,
+                out,
+                device=device,
+                threads=threads,
+                overwrite=force,
+                allow_download=allow_download,
+            )
             opener.close()
             count = len(plan.tasks) if plan.tasks else "adapter"
             console.print(
-                f"[green]ok[/]: {recipe} is valid: {plan.method.name} over "
-                f"{len(plan.inputs)} model(s), {count} tensors, nothing written"
+                Text.assemble(
+                    ("ok", "green"),
+                    f": {recipe} is valid: {plan.method.name} over {len(plan.inputs)} model(s), "
+                    f"{count} tensors, nothing written",
+                ),
+                highlight=False,
             )
             return
         result = run_merge(
@@ -135,9 +149,15 @@ def merge(
         )
     except MergeArenaError as error:
         raise _fail(error) from None
+    except OSError as error:  # one no check foresaw: the system's own words, without a traceback
+        raise _fail(f"{error.filename or out}: {error.strerror or error}") from None
     console.print(
-        f"[green]merged[/] {parsed.method.name} of {len(parsed.inputs())} model(s) → {result.out}: "
-        f"{result.tensors} tensors, {result.bytes / 2**20:.1f} MiB in {result.seconds:.1f} s"
+        Text.assemble(
+            ("merged", "green"),
+            f" {parsed.method.name} of {len(parsed.inputs())} model(s) → {result.out}: "
+            f"{result.tensors} tensors, {result.bytes / 2**20:.1f} MiB in {result.seconds:.1f} s",
+        ),
+        highlight=False,
     )
 
 
@@ -262,7 +282,8 @@ def _evaluate_and_write(
         )
     for warning in caught:
         if issubclass(warning.category, StarterKitWarning):
-            errors.print(f"[yellow]warning:[/] {warning.message}", markup=True, highlight=False)
+            message = Text.assemble(("warning:", "yellow"), f" {warning.message}")
+            errors.print(message, highlight=False, soft_wrap=True)
         else:
             warnings.showwarning(
                 warning.message, warning.category, warning.filename, warning.lineno
@@ -424,6 +445,7 @@ def run(
 ) -> None:
     """Merge a recipe, then evaluate the result: OUT/model holds the merge, OUT/eval the scores."""
     from mergearena.dtypes import choose_dtype
+    from mergearena.engine import check_merge
     from mergearena.engine import merge as run_merge
     from mergearena.evaluation import load_task
     from mergearena.recipe import parse_recipe
@@ -441,13 +463,16 @@ def run(
         parsed = parse_recipe(recipe)
         for path in tasks:  # fail on a bad task file before the merge, not after it
             load_task(path, limit=limit)
-        if out.exists() and not force:
-            raise MergeArenaError(f"{out}: output already exists; choose another or pass --force")
         if parsed.method.name in ("lora_concat", "lora_svd"):
             raise MergeArenaError(
                 f"{recipe}: {parsed.method.name} writes an adapter; run `mergearena merge` and "
                 "then `mergearena eval --model BASE --adapter OUT`"
             )
+        # OUT itself (not the OUT/model the merge writes inside it) must not touch an input.
+        _, opener = check_merge(
+            parsed, out, device=device, overwrite=force, allow_download=allow_download
+        )
+        opener.close()
         from mergearena.checkpoints.writer import atomic_directory
 
         with atomic_directory(out, overwrite=force) as directory:
@@ -459,7 +484,11 @@ def run(
                 progress=not quiet and console.is_terminal,
             )
             console.print(
-                f"[green]merged[/] {parsed.method.name} → {out}/model in {result.seconds:.1f} s"
+                Text.assemble(
+                    ("merged", "green"),
+                    f" {parsed.method.name} → {out}/model in {result.seconds:.1f} s",
+                ),
+                highlight=False,
             )
             document = _evaluate_and_write(
                 str(directory / "model"),
@@ -482,14 +511,18 @@ def run(
         raise _fail(error) from None
     average = document["average"]
     console.print(
-        f"[bold]leaderboard row[/]: {recipe.name}  average "
-        + (f"{average:.4f}" if average is not None else "-  (no scored task)")
-        + "  "
-        + "  ".join(
-            f"{name}={entry['main']:.4f}"
-            for name, entry in document["tasks"].items()
-            if entry["scored"]
-        )
+        Text.assemble(
+            ("leaderboard row", "bold"),
+            f": {recipe.name}  average "
+            + (f"{average:.4f}" if average is not None else "-  (no scored task)")
+            + "  "
+            + "  ".join(
+                f"{name}={entry['main']:.4f}"
+                for name, entry in document["tasks"].items()
+                if entry["scored"]
+            ),
+        ),
+        highlight=False,
     )
 
 
@@ -892,7 +925,7 @@ def _parse_size(text: str) -> int:
     unit = value[len(number) :]
     try:
         size = int(float(number) * units[unit])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):  # OverflowError: inf, 1e400
         raise MergeArenaError(
             f"--shard-size {text!r}: use a size like 5GB, 500MB or 2GiB"
         ) from None

@@ -38,7 +38,15 @@ from mergearena.checkpoints import (
 )
 from mergearena.checkpoints.refs import split_adapter_ref
 from mergearena.checkpoints.staging import Stager
-from mergearena.errors import CheckpointError, MergeError, RecipeError, ShapeMismatchError
+from mergearena.checkpoints.writer import check_output_location
+from mergearena.errors import (
+    CheckpointError,
+    MergeArenaError,
+    MergeError,
+    RecipeError,
+    ShapeMismatchError,
+    shorten,
+)
 from mergearena.malloc import tune_cpu_allocator
 from mergearena.methods import LoraFactors, MethodSpec
 from mergearena.recipe import Recipe, evaluate_setting, parse_recipe
@@ -158,6 +166,12 @@ class _Opener:
         return self.checkpoints[path]
 
     def source(self, ref: str, base_ref: str | None) -> Source:
+        try:
+            return self._source(ref, base_ref)
+        except OSError as error:  # a name too long, a directory we may not read...
+            raise CheckpointError(_os_error_message(f"model {shorten(ref)}", error)) from None
+
+    def _source(self, ref: str, base_ref: str | None) -> Source:
         model_ref, adapter_ref = split_adapter_ref(ref)
         if adapter_ref is not None:  # mergekit's "model+adapter" syntax
             checkpoint = self.checkpoint(model_ref)
@@ -177,6 +191,15 @@ class _Opener:
     def close(self) -> None:
         for checkpoint in self.checkpoints.values():
             checkpoint.close()
+
+
+def _os_error_message(what: str, error: OSError) -> str:
+    filename = "" if error.filename is None else shorten(str(error.filename))
+    where = f" at {filename}" if filename else ""
+    return (
+        f"{what}: cannot read it ({error.strerror or error}{where}); check that the path is "
+        "right and readable by this user"
+    )
 
 
 def _check_compatible(reference: Source, others: list[Source]) -> None:
@@ -218,13 +241,24 @@ def _check_compatible(reference: Source, others: list[Source]) -> None:
                     f"tensor {name} has shape {tuple(info.shape)} in {reference.ref} but "
                     f"{tuple(other.shape)} in {source.ref}{hint}"
                 )
-        if source.adapter is not None:
-            unknown = sorted(source.adapter.target_weight_names() - set(ref_tensors))
-            if unknown:
-                raise ShapeMismatchError(
-                    f"LoRA adapter {source.ref} targets {unknown[0]}, which {reference.ref} does "
-                    f"not have; is it an adapter for another base model?"
-                )
+    for source in [reference, *others]:  # the reference's own adapter too
+        _check_adapter_targets(source)
+
+
+def _check_adapter_targets(source: Source) -> None:
+    """A LoRA adapter adapts only tensors its base model has (otherwise its delta would be
+    silently dropped): the modules it targets and the full tensors it carries."""
+    if source.adapter is None:
+        return
+    tensors = source.checkpoint.tensors
+    unknown = sorted(
+        (source.adapter.target_weight_names() | set(source.adapter.full_tensors)) - set(tensors)
+    )
+    if unknown:
+        raise ShapeMismatchError(
+            f"LoRA adapter {source.ref} targets {unknown[0]}, which its base model "
+            f"({source.checkpoint.path}) does not have; is it an adapter for another base model?"
+        )
 
 
 def _coerce(kind: type, value: Any) -> Any:
@@ -720,6 +754,113 @@ def _merge_adapters(plan: MergePlan, directory: Path) -> tuple[int, int]:
     return len(names), total * 4
 
 
+def merge_device(name: str) -> torch.device:
+    """The device a merge runs on, ``cpu``, ``cuda`` or ``cuda:N``, checked before any work."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise MergeArenaError(f"device {shorten(repr(name))}: a merge runs on cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeArenaError(f"device {name!r} was asked for, but torch sees no CUDA GPU here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MergeArenaError(
+                f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered "
+                "from 0"
+            )
+    return device
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise MergeArenaError(
+            f"threads {threads}: use 1 or more (or leave it out: torch picks one per core)"
+        )
+
+
+def _input_directories(plan: MergePlan) -> list[tuple[str, Path]]:
+    """Every directory the merge reads (and the recipe's file), with what the recipe calls it."""
+    found: list[tuple[str, Path]] = []
+    roles = [("base_model", plan.base), *(("model", s) for s in plan.inputs)]
+    for role, source in [*roles, ("tokenizer_source", plan.tokenizer)]:
+        if source is None:
+            continue
+        if source.adapter is None:
+            found.append((f"{role} {source.ref}", source.checkpoint.path))
+        else:
+            found.append((f"{role} {source.ref} (a LoRA adapter)", source.adapter.path))
+            found.append((f"{role} {source.ref}'s base model", source.checkpoint.path))
+    if plan.recipe.source_file is not None:
+        found.append((f"recipe {plan.recipe.source_file}", plan.recipe.source_file))
+    return found
+
+
+def _check_output_apart(out: Path, plan: MergePlan) -> None:
+    """Refuse an output that is, holds or lies inside an input directory, compared as real paths
+    (symlinks and ``..`` resolved): replacing it would destroy that model, with or without
+    ``--force``, and writing beside or inside it would mix the output with it."""
+    target = out.expanduser().resolve()
+    for label, directory in _input_directories(plan):
+        directory = directory.resolve()
+        if target == directory:
+            relation = "is"
+        elif target.is_relative_to(directory):
+            relation = "lies inside"
+        elif directory.is_relative_to(target):
+            relation = "contains"
+        else:
+            continue
+        where = "" if str(directory) in label else f" ({shorten(str(directory))})"
+        raise CheckpointError(
+            f"the output {shorten(str(out))} {relation} the input {shorten(label)}{where}; "
+            "writing it would replace or mix with that model, even with --force. Choose an "
+            "output directory outside every input."
+        )
+
+
+def _check_config(plan: MergePlan) -> None:
+    """A merged model takes its config.json from the reference model: without one, the output
+    would be weights no loader can use."""
+    reference, directory = plan.reference.ref, plan.reference.support_dir
+    if not (directory / "config.json").is_file():
+        where = "" if str(directory) == reference else f" (in {directory})"
+        raise CheckpointError(
+            f"{reference} has no config.json{where}, which the merged model's architecture is "
+            "copied from; add the model's config.json (or make a model that has one the "
+            "base_model or the first model)."
+        )
+
+
+def check_merge(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    overwrite: bool = False,
+    allow_download: bool = False,
+    resolve: Resolver | None = None,
+) -> tuple[MergePlan, _Opener]:
+    """Everything :func:`merge` checks before it writes anything (``--dry-run`` runs exactly
+    this): the device and threads, every input (see :func:`plan_merge`), an output that does not
+    touch an input, a config to copy, and a place ``out`` can be written. The caller closes the
+    opener."""
+    merge_device(device)
+    _check_threads(threads)
+    plan, opener = plan_merge(recipe, resolve=resolve, allow_download=allow_download)
+    try:
+        _check_output_apart(Path(out), plan)
+        if plan.method.output != "adapter":
+            _check_config(plan)
+        check_output_location(out, overwrite=overwrite)
+    except BaseException:
+        opener.close()
+        raise
+    return plan, opener
+
+
 def merge(
     recipe: str | Path | dict[str, Any] | Recipe,
     out: str | Path,
@@ -740,13 +881,19 @@ def merge(
     """
     started = time.perf_counter()
     parsed = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
-    torch_device = torch.device(device)
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("--device cuda was asked for, but torch sees no CUDA GPU here")
+    out = Path(out)
+    plan, opener = check_merge(
+        parsed,
+        out,
+        device=device,
+        threads=threads,
+        overwrite=overwrite,
+        allow_download=allow_download,
+        resolve=resolve,
+    )
+    torch_device = merge_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
-    out = Path(out)
-    plan, opener = plan_merge(parsed, resolve=resolve, allow_download=allow_download)
     if torch_device.type == "cpu":
         tune_cpu_allocator()
     try:

@@ -4,6 +4,12 @@ Every message says what was wrong, where (file, recipe key, tensor name) and wha
 """
 
 
+def shorten(text: str, limit: int = 200) -> str:
+    """``text``, or its start and its length when longer than ``limit``: a message that names a
+    5,000-character path (or value) stays readable."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
 class MergeArenaError(Exception):
     """Base class: the CLI prints these without a traceback."""
 

@@ -23,6 +23,7 @@ is a scalar, a gradient (a list of numbers interpolated over the layers), or a l
 
 from __future__ import annotations
 
+import codecs
 import difflib
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from mergearena.errors import RecipeError
+from mergearena.errors import RecipeError, shorten
 from mergearena.methods import MethodSpec, Parameter, get_method, method_names
 
 DTYPES: dict[str, torch.dtype] = {
@@ -90,10 +91,16 @@ class Recipe(BaseModel):
     name: str | None = None
     # Set when a mergekit ``slices`` recipe was accepted: the one layer range all sources share.
     _layer_range: tuple[int, int] | None = PrivateAttr(default=None)
+    # The file the recipe was read from, if any: an output must not replace it either.
+    _source_file: Path | None = PrivateAttr(default=None)
 
     @property
     def layer_range(self) -> tuple[int, int] | None:
         return self._layer_range
+
+    @property
+    def source_file(self) -> Path | None:
+        return self._source_file
 
     @property
     def method(self) -> MethodSpec:
@@ -125,6 +132,146 @@ class Recipe(BaseModel):
 def _closest(name: str, candidates: list[str]) -> str:
     match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
     return f" Did you mean {match[0]!r}?" if match else ""
+
+
+# What a recipe may take. Real recipes are a few kB with a few hundred nodes; the limits stop a
+# hostile document (a "billion laughs" of nested aliases, a megabyte of nesting) before it is built.
+MAX_RECIPE_BYTES = 256_000  # a recipe is a few kB; parsing 1 MB of YAML takes seconds
+MAX_YAML_NODES = 100_000  # counted as expanded: an alias counts every node of what it names
+MAX_YAML_ALIASES = 1_000
+MAX_YAML_DEPTH = 64
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys and documents over the limits above.
+
+    Nodes are counted as they are composed, an alias adding the size of the node it names, so a
+    few anchors that would expand to a billion values are refused after reading a few hundred
+    bytes, before anything is constructed (aliases alone share their nodes; what consumes the
+    recipe afterwards, validation and merging, walks every expanded value).
+    """
+
+    def __init__(self, text: str, label: str) -> None:
+        super().__init__(text)
+        self.label = label
+        self.expanded_nodes = 0
+        self.aliases = 0
+        self.depth = 0
+        self.anchor_sizes: dict[str, int] = {}
+
+    def _refuse(self, problem: str, mark: yaml.Mark | None) -> RecipeError:
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        return RecipeError(f"{self.label}{where}: {problem}")
+
+    def _count(self, nodes: int, mark: yaml.Mark) -> None:
+        self.expanded_nodes += nodes
+        if self.expanded_nodes > MAX_YAML_NODES:
+            raise self._refuse(
+                f"the YAML expands to more than {MAX_YAML_NODES:,} values (aliases count every "
+                f"value they repeat); a recipe needs a few hundred, so this is refused",
+                mark,
+            )
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise self._refuse(
+                    f"more than {MAX_YAML_ALIASES:,} YAML aliases (*name); a recipe needs a few",
+                    event.start_mark,
+                )
+            self._count(self.anchor_sizes.get(event.anchor, 1), event.start_mark)
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise self._refuse(
+                f"the YAML nests deeper than {MAX_YAML_DEPTH} levels; a recipe needs about 6",
+                event.start_mark,
+            )
+        before = self.expanded_nodes
+        self._count(1, event.start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if event.anchor is not None:
+            self.anchor_sizes[event.anchor] = self.expanded_nodes - before
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # "<<: *defaults" merges keys that explicit ones may override
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise RecipeError(
+                    f"{self.label}: duplicate key {key!r} on line {line} (first on line "
+                    f"{first_line[key]}); YAML would silently keep the last one. Write each key "
+                    "once."
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _decode(data: bytes, label: str) -> str:
+    """UTF-8 text (a UTF-8 byte-order mark is allowed), or an error that says how to fix it."""
+    if data.startswith((codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise RecipeError(f"{label}: is UTF-16 or UTF-32 text; save the recipe as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise RecipeError(
+            f"{label}: is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+            f"{error.start}); save the recipe as UTF-8"
+        ) from None
+
+
+def load_yaml(text: str | bytes, label: str = "recipe") -> Any:
+    """Read a YAML document within a recipe's limits: the one way recipe text becomes data.
+
+    Refuses (with :class:`RecipeError` naming ``label``, the problem and its line) text over
+    ``MAX_RECIPE_BYTES``, bytes that are not UTF-8, duplicate keys in any mapping, and documents
+    whose aliases, nesting or size exceed the ``MAX_YAML_*`` limits, before building anything.
+    """
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    _check_size(len(data), label)
+    if isinstance(text, bytes):
+        text = _decode(text, label)
+    loader = _BoundedLoader(text, label)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{label}: not valid YAML: {error}") from None
+    except RecursionError:
+        raise RecipeError(f"{label}: the YAML nests too deeply for a recipe") from None
+    finally:
+        loader.dispose()
+
+
+def _check_size(size: int, label: str) -> None:
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"{label}: is {size:,} bytes; a recipe is a few kB (the limit is "
+            f"{MAX_RECIPE_BYTES:,} bytes)"
+        )
+
+
+def _read_recipe_file(path: Path) -> str:
+    """A recipe file's text, with errors that name the file (never an ``OSError`` traceback)."""
+    label = shorten(str(path))
+    try:
+        if path.is_dir():
+            raise RecipeError(f"recipe file {label} is a directory; pass the recipe's YAML file")
+        if not path.is_file():
+            raise RecipeError(f"recipe file {label} does not exist")
+        _check_size(path.stat().st_size, label)  # before reading a huge file into memory
+        data = path.read_bytes()
+    except OSError as error:
+        raise RecipeError(f"recipe file {label}: cannot read it ({error.strerror})") from None
+    return _decode(data, label)
 
 
 def _describe_pydantic_error(error: ValidationError, source: str) -> str:
@@ -162,6 +309,7 @@ def parse_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     and the number of models fits the method.
     """
     label = "recipe"
+    source_file = None
     if isinstance(source, dict):
         data: Any = source
     else:
@@ -176,14 +324,10 @@ def parse_recipe(source: str | Path | dict[str, Any]) -> Recipe:
                 ".yml",
             )
         ):
-            if not path.is_file():
-                raise RecipeError(f"recipe file {path} does not exist")
-            label = str(path)
-            text = path.read_text()
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise RecipeError(f"{label}: not valid YAML: {error}") from None
+            label = shorten(text)
+            text = _read_recipe_file(path)
+            source_file = path
+        data = load_yaml(text, label)
     if not isinstance(data, dict):
         raise RecipeError(f"{label}: a recipe is a YAML mapping with at least 'merge_method'")
     try:
@@ -191,6 +335,7 @@ def parse_recipe(source: str | Path | dict[str, Any]) -> Recipe:
     except ValidationError as error:
         raise RecipeError(_describe_pydantic_error(error, label)) from None
     validate_structure(recipe, label)
+    recipe._source_file = source_file
     return recipe
 
 
@@ -202,7 +347,8 @@ def _check_setting(parameter: Parameter, setting: Any, where: str, label: str, m
         if all(isinstance(item, dict) for item in setting):
             for condition in setting:
                 unknown = set(condition) - {"filter", "value"}
-                if unknown or "value" not in condition:
+                pattern = condition.get("filter")
+                if unknown or "value" not in condition or not isinstance(pattern, str | None):
                     raise RecipeError(
                         f"{label}: {where}: a condition is {{filter: SUBSTRING, value: V}}, "
                         f"got {condition!r}"

@@ -10,6 +10,8 @@ looks like a finished model.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
@@ -28,7 +30,7 @@ from mergearena.checkpoints.reader import (
     SAFETENSORS_INDEX,
     TORCH_TO_SAFETENSORS_DTYPE,
 )
-from mergearena.errors import CheckpointError, ShapeMismatchError
+from mergearena.errors import CheckpointError, ShapeMismatchError, shorten
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -268,28 +270,88 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_output_location(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output directory that cannot be written or must not be
+    replaced: it exists (without ``overwrite``), is a file, the home directory or holds the
+    working directory, or the directory it would be made in is a file or not writable."""
+    out = Path(out).expanduser().absolute()
+    try:
+        if out.exists() and not overwrite:
+            raise CheckpointError(
+                f"{out}: output already exists; choose another output or pass --force to "
+                "replace it."
+            )
+        if out.exists() or out.is_symlink():
+            _check_replaceable(out)
+        parent = _nearest_existing(out.parent)
+        if not parent.is_dir():
+            raise CheckpointError(
+                f"{out}: cannot be created, because {parent} is a file, not a directory; choose "
+                "another output."
+            )
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise CheckpointError(
+                f"{out}: cannot be created: {parent} is not writable by this user (or is on a "
+                "read-only file system); choose another output."
+            )
+    except OSError as error:  # a name too long for the file system, typically
+        raise CheckpointError(_write_error_message(out, error)) from None
+
+
+def _write_error_message(out: Path, error: OSError, *, kept: bool = False) -> str:
+    """What an ``OSError`` while making ``out`` means to a user, and what to do; ``kept``: a
+    previous output at ``out`` is still there, untouched."""
+    at = "" if error.filename is None else f" at {shorten(str(error.filename))}"
+    out = Path(shorten(str(out)))
+    kept_note = " The previous output there is untouched." if kept else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{out}: the disk is full ({error.strerror}{at}); nothing was written.{kept_note} Free "
+            f"space on the disk holding {out.parent}, or choose an output on another disk."
+        )
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"{out}: not allowed to write there ({error.strerror}{at}); nothing was written."
+            f"{kept_note} Choose an output this user can write."
+        )
+    return (
+        f"{out}: cannot write it ({error.strerror or error}{at}); nothing was written.{kept_note}"
+    )
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to fill; rename it to ``out`` only on success.
 
-    On any exception the temporary directory is removed and the exception re-raised. With
-    ``overwrite``, an existing ``out`` is moved aside, replaced, then deleted.
+    On any exception the temporary directory is removed and the exception re-raised, an
+    ``OSError`` (a full disk, a read-only place) as a :class:`CheckpointError` that says so.
+    With ``overwrite``, an existing ``out`` is moved aside, replaced, then deleted. Processes
+    that finish writing the same ``out`` at once take turns (see ``_move_into_place``): each
+    leaves a complete output or an error, never a mix.
     """
     out = Path(out).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(
-            f"{out}: output already exists; choose another output or pass --force to replace it."
-        )
-    if out.exists() or out.is_symlink():
-        _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.parent / f".{out.name}.mergearena-tmp-{secrets.token_hex(4)}"
-    temporary.mkdir()
+    check_output_location(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # The process id keeps concurrent writers' names apart, and says whose a stray one was.
+        temporary = out.parent / f".{out.name}.mergearena-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        temporary.mkdir()
+    except OSError as error:
+        raise CheckpointError(_write_error_message(out, error)) from None
     try:
         yield temporary
         _move_into_place(temporary, out, overwrite)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(error, OSError):
+            message = _write_error_message(out, error, kept=out.exists())
+            raise CheckpointError(message) from error
         raise
 
 
@@ -306,22 +368,46 @@ def _check_replaceable(out: Path) -> None:
         )
 
 
-def _move_into_place(temporary: Path, out: Path, overwrite: bool) -> None:
-    if not out.exists() and not out.is_symlink():
-        os.rename(temporary, out)
-        return
-    if not overwrite:
-        raise CheckpointError(
-            f"{out}: appeared while the output was being written; nothing was replaced. Choose "
-            "another output or pass --force."
-        )
-    old = out.parent / f".{out.name}.mergearena-old-{secrets.token_hex(4)}"
-    os.rename(out, old)
+@contextlib.contextmanager
+def _parent_locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``out``'s parent directory: writers of outputs there take
+    turns to check and rename (milliseconds each). The kernel drops the lock if the process
+    dies, so a crash never leaves a stale lock, and no lock file is left behind."""
+    descriptor = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.rename(temporary, out)
-    except BaseException:
-        os.rename(old, out)  # put the previous output back
-        raise
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _appeared(out: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{out}: appeared while this output was being written (another merge wrote it at the "
+        "same time?); nothing was replaced. Pass --force to replace it, or choose another output."
+    )
+
+
+def _move_into_place(temporary: Path, out: Path, overwrite: bool) -> None:
+    with _parent_locked(out):
+        if not out.exists() and not out.is_symlink():
+            try:
+                os.rename(temporary, out)
+            except OSError as error:  # made by a process that does not take the lock
+                if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    raise _appeared(out) from None
+                raise
+            return
+        if not overwrite:
+            raise _appeared(out)
+        _check_replaceable(out)  # again: what appeared meanwhile may be a file
+        old = out.parent / f".{out.name}.mergearena-old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(out, old)
+        try:
+            os.rename(temporary, out)
+        except BaseException:
+            os.rename(old, out)  # put the previous output back
+            raise
     if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
     else:

@@ -27,6 +27,7 @@ Adapter-space methods (``output="adapter"``) take ``factors: list[LoraFactors]``
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
+from mergearena.errors import shorten
 
 REQUIRED: Any = inspect.Parameter.empty
 
@@ -93,10 +96,16 @@ class Parameter:
             return None
         if self.kind in (int, float):
             if isinstance(value, bool) or not isinstance(value, int | float):
-                return f"must be a number, got {value!r}"
-            if self.kind is int and not float(value).is_integer():
+                return f"must be a number, got {shorten(repr(value), 60)}"
+            try:
+                number = float(value)
+            except OverflowError:  # an integer of hundreds of digits
+                number = math.inf
+            if not math.isfinite(number):  # NaN passes every bound's comparison: check it first
+                return f"must be a finite number, got {shorten(repr(value), 60)}"
+            if self.kind is int and not number.is_integer():
                 return f"must be an integer, got {value!r}"
-            if self.range is not None and not self.range.check(float(value)):
+            if self.range is not None and not self.range.check(number):
                 return f"must be in {self.range.describe()}, got {value!r}"
             return None
         if not isinstance(value, str):
