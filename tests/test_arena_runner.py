@@ -800,3 +800,44 @@ def test_single_file_hook_with_a_wrong_signature_is_refused_before_merging(tmp_p
     with pytest.raises(SubmissionError, match=r"generate must be a function of \(model, tok"):
         run_job(job(tmp_path, tasks, source, kind="code"))
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_the_sandbox_mounts_each_admitted_model_that_exists_and_nothing_beside_it(
+    tmp_path, models, monkeypatch
+):
+    """The allowlist expanded to directories, each mounted on its own: patterns match the zoo
+    models and hub models there are; a full-weight expert keeps its adapter's config (how the
+    zoo knows its name) without the adapter; the folder of committed experts is emptied under
+    them. An empty allowlist admits any model: the whole zoo and hub cache."""
+    from mergearena.arena.policy import model_mounts
+    from mergearena.checkpoints.refs import ZOO_EXPERTS_DIR
+
+    cache, hub = tmp_path / "cache", tmp_path / "hub"
+    monkeypatch.setenv("MERGEARENA_CACHE", str(cache))
+    for name in ("smollm2-135m", "sentiment", "spam"):
+        (cache / "zoo" / name).mkdir(parents=True)
+    for repo in ("org--a", "org--b", "other--c"):
+        (hub / f"models--{repo}").mkdir(parents=True)
+    allowed = [
+        "zoo:sentiment",
+        "zoo:subject-lora",
+        "zoo:smollm2-*",
+        "org/*",
+        f"{models['base']}+{models['lora1']}",
+        str(tmp_path / "missing"),
+    ]
+    mounts = model_mounts(allowed, hub)
+    assert set(mounts.readonly) == {
+        cache / "zoo" / "sentiment",
+        cache / "zoo" / "smollm2-135m",
+        ZOO_EXPERTS_DIR / "sentiment" / "adapter_config.json",
+        ZOO_EXPERTS_DIR / "subject",
+        hub / "models--org--a",
+        hub / "models--org--b",
+        models["base"],
+        models["lora1"],
+    }
+    assert mounts.hidden == (ZOO_EXPERTS_DIR,)
+    everything = model_mounts([], hub)
+    assert hub in everything.readonly and cache / "zoo" / "spam" in everything.readonly
+    assert ZOO_EXPERTS_DIR / "spam" in everything.readonly and everything.hidden == ()

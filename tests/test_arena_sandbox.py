@@ -9,15 +9,18 @@ only where cgroup v2 is delegated to this process (they are skipped elsewhere, s
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -160,10 +163,102 @@ def test_hidden_paths_cannot_be_read(tmp_path: Path) -> None:
     assert "SECRET" not in result.output
 
 
+LOOK_PROBE = """
+import json, os, sys
+def look(path):
+    try:
+        if os.path.isdir(path):
+            return sorted(os.listdir(path))
+        with open(path, "rb") as handle:
+            return "read " + repr(handle.read(40))
+    except OSError as error:
+        return type(error).__name__
+print(json.dumps({path: look(path) for path in sys.argv[1:]}))
+"""
+
+
+def look_inside(tmp_path: Path, paths: list[Path | str], **options) -> dict[str, object]:
+    """What a sandboxed process finds at each path: a sorted listing, "read b'...'" or the
+    error's name."""
+    result = run_python(LOOK_PROBE, tmp_path, *map(str, paths), **options)
+    assert result.status == "ok", result.output
+    return json.loads(result.output.strip().splitlines()[-1])
+
+
+@pytest.fixture()
+def host_file() -> Iterator[Path]:
+    """A world-readable file of the host's, outside anything the sandbox is given."""
+    directory = Path(f"/opt/mergearena-probe-{secrets.token_hex(4)}")
+    directory.mkdir(mode=0o755)
+    try:
+        secret = directory / "secret.txt"
+        secret.write_text("SECRET-HOST-FILE")
+        secret.chmod(0o644)
+        yield secret
+    finally:
+        shutil.rmtree(directory)
+
+
+@needs_sandbox
+def test_the_hosts_root_is_not_there_only_the_system_and_what_was_given(
+    tmp_path: Path, host_file: Path
+) -> None:
+    """Nothing of the host's ``/`` shows but the system (read-only) and the given paths: not a
+    world-readable file elsewhere, not this checkout (beside the interpreter's venv, if it lives
+    there), not /etc beyond the few files the C library reads."""
+    checkout = Path(__file__).resolve().parents[1]
+    found = look_inside(
+        tmp_path,
+        [
+            host_file,
+            host_file.parent,
+            checkout / "README.md",
+            checkout / "tests",
+            "/etc/shadow",
+            "/etc/hostname",
+            "/etc/passwd",
+            "/usr/bin/env",
+            "/srv",
+            "/boot",
+            "/",
+        ],
+    )
+    for path in [host_file, host_file.parent, checkout / "README.md", checkout / "tests"]:
+        assert found[str(path)] == "FileNotFoundError", found
+    for path in ["/etc/shadow", "/etc/hostname", "/srv", "/boot"]:
+        assert found[path] == "FileNotFoundError", found
+    assert str(found["/etc/passwd"]).startswith("read b'root:"), found
+    assert str(found["/usr/bin/env"]).startswith("read b'\\x7fELF"), found
+    given = {Path(p).parts[1] for p in [*PYTHON_PATHS, tmp_path]}
+    system = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "sys", "dev"}
+    private = {"proc", "tmp", "var", "root", "home", "run"}
+    assert set(found["/"]) <= system | private | given, found["/"]
+
+
+@needs_sandbox
+def test_a_path_bound_inside_a_hidden_directory_shows_alone(tmp_path: Path) -> None:
+    """A folder of models hidden, one of them bound: that one is there, its neighbours are not
+    (the zoo's committed experts, of which a competition admits some)."""
+    models = tmp_path / "shared" / "models"
+    for name in ("admitted", "other"):
+        (models / name).mkdir(parents=True)
+        (models / name / "weights").write_text(f"{name} weights")
+    found = look_inside(
+        tmp_path,
+        [models, models / "admitted" / "weights", models / "other" / "weights"],
+        readonly=[models.parent, models / "admitted"],
+        hidden=[models],
+    )
+    assert found[str(models)] == ["admitted"]
+    assert found[str(models / "admitted" / "weights")] == "read b'admitted weights'"
+    assert found[str(models / "other" / "weights")] == "FileNotFoundError"
+
+
 @needs_sandbox
 @pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop happens only when run as root")
 def test_root_only_files_cannot_be_read(tmp_path: Path) -> None:
-    """As root, the command runs as nobody: root's 0600 files stay closed, /etc/shadow too."""
+    """As root, the command runs as nobody: root's 0600 files in a bound path stay closed (and
+    /etc/shadow is not even there)."""
     shared = tmp_path / "shared"
     shared.mkdir()
     private = shared / "root-only.txt"
@@ -173,7 +268,7 @@ def test_root_only_files_cannot_be_read(tmp_path: Path) -> None:
     result = run_python(READ_PROBE, tmp_path, str(private), "/etc/shadow", readonly=[shared])
 
     assert f"{private} failed PermissionError" in result.output
-    assert "/etc/shadow failed PermissionError" in result.output
+    assert "/etc/shadow failed FileNotFoundError" in result.output
 
 
 @needs_sandbox
@@ -772,3 +867,116 @@ def test_a_job_cannot_signal_the_worker_or_read_its_environ_or_another_job(
     found = json.loads(result.output.strip().splitlines()[-1])
     assert not any(outcome.startswith("allowed") for outcome in found.values()), found
     assert "SECRET" not in result.output
+
+
+# ------------------------------------------------------------------------- a job's capped work area
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a work area needs root")
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below ``directory``, as this process's mount table has them."""
+    table = Path("/proc/self/mounts").read_text().splitlines()
+    return [line.split()[1] for line in table if line.split()[1].startswith(str(directory))]
+
+
+def fill(directory: Path, limit: int) -> tuple[int, int | None]:
+    """Write 1 MiB blocks into ``directory`` until an error or ``limit`` bytes (a bound, so that
+    a cap that failed cannot fill the host's disk): (bytes written, errno or None)."""
+    written = 0
+    try:
+        with open(directory / "fill", "wb") as handle:
+            while written < limit:
+                handle.write(b"x" * 2**20)
+                handle.flush()
+                written += 2**20
+    except OSError as error:
+        return written, error.errno
+    return written, None
+
+
+@needs_root
+@pytest.mark.parametrize("mkfs", [True, False], ids=["ext4-image", "tmpfs"])
+def test_a_work_area_stops_writes_at_its_cap_and_leaves_no_mount_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mkfs: bool
+) -> None:
+    """Disk-backed where mkfs.ext4 is there, RAM-backed where not; full, it says so; after the
+    block (an error in it too) nothing stays mounted and the image is gone."""
+    from mergearena.arena import workarea
+
+    if not mkfs:
+        monkeypatch.setattr(workarea.shutil, "which", lambda name: None)
+    elif shutil.which("mkfs.ext4") is None:
+        pytest.skip("mkfs.ext4 is missing (apt-get install e2fsprogs)")
+    with pytest.raises(RuntimeError, match="the job crashed"):
+        with workarea.work_area(tmp_path / "work", 16 * 2**20) as area:
+            assert mounts_under(tmp_path) == [str(tmp_path / "work")]
+            assert not area.is_full()
+            written, error = fill(area.path, 64 * 2**20)
+            assert error == errno.ENOSPC and written <= 16 * 2**20
+            assert area.is_full() and area.full_message() == (
+                "the job's work area of 0.015625 GiB is full"
+            )
+            raise RuntimeError("the job crashed")
+    kind = "a loop-mounted ext4 image" if mkfs else "a tmpfs, in RAM (no disk image: mkfs.ext4"
+    assert area.description.startswith(f"work area: 0.015625 GiB, {kind}"), area.description
+    assert mounts_under(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # the image removed
+    assert list((tmp_path / "work").iterdir()) == []  # what was written went with the mount
+
+
+@needs_root
+def test_a_work_area_still_busy_is_unmounted_lazily(tmp_path: Path) -> None:
+    """A process left in the area (its working directory there) does not keep it mounted."""
+    from mergearena.arena import workarea
+
+    with workarea.work_area(tmp_path / "work", 16 * 2**20) as area:
+        sleeper = subprocess.Popen(["sleep", "60"], cwd=area.path)  # noqa: S603, S607
+    try:
+        assert mounts_under(tmp_path) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_without_root_the_work_area_is_said_to_be_uncapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergearena.arena import workarea
+
+    monkeypatch.setattr(workarea.os, "geteuid", lambda: 1000)
+    with workarea.work_area(tmp_path / "work", 2**30) as area:
+        assert area.size_bytes is None and not area.is_full()
+    assert area.description == (
+        "work area: not capped (a file system of its own needs root to mount; this worker runs "
+        f"as uid 1000): a job can fill the disk of {tmp_path}"
+    )
+
+
+def test_the_work_area_holds_the_largest_merged_model_the_competition_admits() -> None:
+    from mergearena.arena.workarea import DEFAULT_BYTES, work_area_bytes
+
+    assert work_area_bytes(8 * 10**9) == 32 * 10**9 + 4 * 2**30  # float32 at most, and room
+    assert work_area_bytes(None) == DEFAULT_BYTES
+
+
+@needs_root
+def test_work_areas_of_a_worker_killed_mid_job_are_unmounted_by_the_next(tmp_path: Path) -> None:
+    """A worker killed mid-job runs no ``finally``: the next worker to start unmounts and removes
+    what it left, and leaves the jobs of running workers (its own pid's) alone."""
+    from mergearena.arena import workarea
+
+    dead = tmp_path / f"{workarea.JOB_PREFIX}7-w999999999-abcd"  # above any pid_max
+    alive = tmp_path / f"{workarea.job_folder_prefix(8)}efgh"
+    entered = []  # held, so that no finally runs when they are collected: as if killed
+    for folder in (dead, alive):
+        folder.mkdir()
+        entered.append(workarea.work_area(folder / "work", 16 * 2**20))
+        entered[-1].__enter__()
+    try:
+        assert mounts_under(tmp_path) == [str(dead / "work"), str(alive / "work")]
+        assert workarea.remove_abandoned_jobs(tmp_path) == [dead]
+        assert mounts_under(tmp_path) == [str(alive / "work")]
+        assert sorted(tmp_path.iterdir()) == [alive]
+    finally:
+        workarea.unmount(alive / "work")

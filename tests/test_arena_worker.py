@@ -5,12 +5,18 @@ the sandbox, scored against hidden targets. Tiny random models and no downloads;
 from __future__ import annotations
 
 import io
+import json
+import os
+import secrets
+import shutil
 import tarfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import create_engine, text
 
 from mergearena.arena import queue, service
 from mergearena.arena.db import Submission, open_database
@@ -41,10 +47,35 @@ def models(make_checkpoint, make_lora) -> dict[str, Path]:
     return found
 
 
+POSTGRES_URL = os.environ.get("MERGEARENA_TEST_POSTGRES_URL")
+BOTH_DATABASES = [
+    "sqlite",
+    pytest.param(
+        "postgresql",
+        marks=pytest.mark.skipif(
+            not POSTGRES_URL,
+            reason="set MERGEARENA_TEST_POSTGRES_URL (scripts/start_postgres.sh) to run",
+        ),
+    ),
+]
+
+
 @pytest.fixture()
-def arena(tmp_path: Path, models):
+def database_url(request, tmp_path: Path) -> str:
+    """SQLite, unless a test asks for PostgreSQL too (``BOTH_DATABASES``, indirectly)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return f"sqlite:///{tmp_path / 'arena.db'}"
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as connection:  # every test starts from an empty database
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    return POSTGRES_URL
+
+
+@pytest.fixture()
+def arena(tmp_path: Path, models, database_url: str):
     data_dir = tmp_path / "data"
-    sessions = open_database(f"sqlite:///{tmp_path / 'arena.db'}")
+    sessions = open_database(database_url)
     with sessions() as session:
         competition = service.create_competition(
             session,
@@ -401,7 +432,10 @@ def test_code_cannot_read_hidden_targets_or_reach_the_network(arena, models) -> 
             print("TARGETS: READ")
         except OSError as error:
             print("TARGETS: hidden", type(error).__name__)
-        print("DATA DIR HOLDS:", os.listdir({str(data_dir)!r}))
+        try:
+            print("DATA DIR HOLDS:", os.listdir({str(data_dir)!r}))
+        except OSError as error:
+            print("DATA DIR: not there", type(error).__name__)
         try:
             socket.create_connection(("1.1.1.1", 53), timeout=2)
             print("NETWORK: OPEN")
@@ -412,8 +446,177 @@ def test_code_cannot_read_hidden_targets_or_reach_the_network(arena, models) -> 
     done = run()
     assert done.status == "scored", (done.error, done.log)
     assert "TARGETS: hidden" in done.log and "NETWORK: refused" in done.log, done.log
-    assert "DATA DIR HOLDS: []" in done.log, done.log
+    assert "DATA DIR: not there FileNotFoundError" in done.log, done.log
     assert done.status == "scored", done.log
+
+
+LOOK = """\
+    import json, os
+    import torch, transformers, mergearena  # the environment a job needs is there
+
+    def look(path):
+        try:
+            if os.path.isdir(path):
+                return sorted(os.listdir(path))
+            with open(path, "rb") as handle:
+                return "read " + repr(handle.read(40))
+        except OSError as error:
+            return type(error).__name__
+
+    print("SEEN:", json.dumps({{name: look(path) for name, path in {paths!r}.items()}}))
+    """
+
+
+def _seen(log: str) -> dict[str, object]:
+    line = next(line for line in log.splitlines() if line.startswith("SEEN: "))
+    return json.loads(line.removeprefix("SEEN: "))
+
+
+def _zoo_model(directory: Path, source: Path) -> Path:
+    """``source`` as a built zoo model at ``directory``: its files and a ``zoo.json``."""
+    shutil.copytree(source, directory)
+    files = {p.name: {"bytes": p.stat().st_size} for p in directory.iterdir()}
+    (directory / "zoo.json").write_text(json.dumps({"version": 1, "files": files}))
+    return directory
+
+
+@pytest.fixture()
+def host_secret() -> Iterator[Path]:
+    """A world-readable file of the host's, outside anything a job needs."""
+    directory = Path(f"/opt/mergearena-probe-{secrets.token_hex(4)}")
+    directory.mkdir(mode=0o755)
+    (directory / "secret.txt").write_text("SECRET-HOST-FILE")
+    (directory / "secret.txt").chmod(0o644)
+    yield directory / "secret.txt"
+    shutil.rmtree(directory)
+
+
+@needs_sandbox
+def test_code_sees_only_its_inputs_the_admitted_models_and_the_python_environment(
+    arena, models, tmp_path: Path, monkeypatch, host_secret: Path
+) -> None:
+    """A code submission looks everywhere a rival's secrets or unadmitted models could be: the
+    model cache (the zoo's task files with targets, a zoo model the allowlist leaves out), the
+    zoo's committed LoRA experts, the hub cache, the data directory, this checkout, a
+    world-readable file of the host, /etc/shadow. Only what the job needs is there, and the
+    admitted zoo model is what it merges."""
+    from mergearena.checkpoints.refs import ZOO_EXPERTS_DIR
+
+    submit, run, sessions, data_dir = arena
+    cache, hub = tmp_path / "cache", tmp_path / "hf" / "hub"
+    monkeypatch.setenv("MERGEARENA_CACHE", str(cache))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (cache / "tasks" / "validation").mkdir(parents=True)  # the demo's layout: targets inside
+    (cache / "tasks" / "validation" / "mc.csv").write_text(MC.replace("q1", "SECRET-TARGETS"))
+    _zoo_model(cache / "zoo" / "sentiment", models["base"])  # admitted
+    _zoo_model(cache / "zoo" / "spam", models["lora1"])  # not admitted
+    for repo in ("org--admitted", "org--other"):
+        (hub / f"models--{repo}" / "snapshots" / "abc").mkdir(parents=True)
+        (hub / f"models--{repo}" / "snapshots" / "abc" / "config.json").write_text("{}")
+    with sessions() as session:
+        competition = service.get_competition(session, "tiny")
+        allowed = ["zoo:sentiment", "zoo:subject-lora", "org/admitted"]
+        competition.allowed_models = [*competition.allowed_models, *allowed]
+        session.commit()
+    checkout = Path(__file__).resolve().parents[1]
+    paths = {
+        "cache": cache,
+        "cache zoo": cache / "zoo",
+        "cache targets": cache / "tasks" / "validation" / "mc.csv",
+        "unadmitted zoo model": cache / "zoo" / "spam" / "zoo.json",
+        "experts": ZOO_EXPERTS_DIR,
+        "full-weight expert's adapter": ZOO_EXPERTS_DIR / "sentiment",
+        "admitted adapter": ZOO_EXPERTS_DIR / "subject" / "adapter_model.safetensors",
+        "unadmitted adapter": ZOO_EXPERTS_DIR / "spam" / "adapter_model.safetensors",
+        "hub": hub,
+        "data dir": data_dir,
+        "checkout's README": checkout / "README.md",
+        "checkout's .git": checkout / ".git",
+        "checkout's tests": checkout / "tests",
+        "source folder": ZOO_EXPERTS_DIR.parents[2],
+        "host file": host_secret,
+        "/etc/shadow": Path("/etc/shadow"),
+        "/home": Path("/home"),
+    }
+    look = textwrap.dedent(LOOK).format(paths={k: str(v) for k, v in paths.items()})
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": "zoo:sentiment", "parameters": {"weight": 1.0}}],
+    }
+    submit("probe.py", f"{look}\nRECIPE = {recipe!r}\n".encode())
+    done = run()
+    assert done.status == "scored", (done.error, done.log)
+    assert "merged with linear" in done.log and "zoo:sentiment" in done.log, done.log
+    seen = _seen(done.log)
+    assert "SECRET" not in done.log, seen
+    assert seen["cache"] == ["zoo"] and seen["cache zoo"] == ["sentiment"], seen
+    assert seen["experts"] == ["sentiment", "subject"], seen
+    assert seen["full-weight expert's adapter"] == ["adapter_config.json"], seen
+    assert str(seen["admitted adapter"]).startswith("read b'"), seen
+    assert seen["hub"] == ["models--org--admitted"], seen
+    assert seen["source folder"] == ["llm_merging", "mergearena"], seen
+    assert seen["/home"] == [], seen
+    for name in (
+        "cache targets",
+        "unadmitted zoo model",
+        "unadmitted adapter",
+        "data dir",
+        "checkout's README",
+        "checkout's .git",
+        "checkout's tests",
+        "host file",
+        "/etc/shadow",
+    ):
+        assert seen[name] == "FileNotFoundError", (name, seen)
+
+
+FILL = """\
+    import os
+
+    written = 0
+    with open("fill.bin", "wb") as handle:  # stops itself at 1 GiB, should the cap fail
+        while written < 2**30:
+            handle.write(b"x" * 2**20)
+            handle.flush()
+            written += 2**20
+    print("NOT CAPPED: wrote 1 GiB")
+    """
+
+
+@needs_sandbox
+@pytest.mark.skipif(os.geteuid() != 0, reason="a capped work area needs root to mount")
+@pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
+def test_a_job_that_fills_its_work_area_fails_alone_and_the_next_job_is_scored(
+    arena, models, tmp_path: Path
+) -> None:
+    """A submission writes until its work area is full: it fails saying so, no mount is left,
+    and the same worker claims and scores the next job in the queue."""
+    submit, _, sessions, data_dir = arena
+    jobs = tmp_path / "jobs"
+    settings = WorkerSettings(
+        data_dir=data_dir, dtype="float32", scratch_dir=jobs, work_area_bytes=64 * 2**20
+    )
+    filler = submit("fill.py", _method_file(models, FILL))
+    honest = submit("recipe.yaml", _recipe(models))
+
+    filled = work_once(sessions, settings)
+    assert filled is not None and filled.id == filler
+    assert filled.status == "failed", filled.log
+    assert filled.error.startswith("the job's work area of 0.0625 GiB is full: "), filled.error
+    assert "No space left on device" in filled.log and "NOT CAPPED" not in filled.log
+    work_line = filled.log.splitlines()[3]
+    assert work_line.startswith("work area: 0.0625 GiB, a "), filled.log
+    assert not any(line.split()[1].startswith(str(jobs)) for line in _mount_table())
+    assert list(jobs.iterdir()) == []
+
+    scored = work_once(sessions, settings)
+    assert scored is not None and scored.id == honest
+    assert scored.status == "scored", (scored.error, scored.log)
+    assert scored.log.splitlines()[3] == work_line
+
+
+def _mount_table() -> list[str]:
+    return Path("/proc/self/mounts").read_text().splitlines()
 
 
 @needs_sandbox

@@ -2,18 +2,30 @@
 
 The runner applies a ``ModelPolicy`` to every model a submission opens (the starter-kit layer
 resolves the kit's model names through it too); the service and the worker check references
-against the allowlist with ``is_listed`` before a job runs.
+against the allowlist with ``is_listed`` before a job runs. The policy is a guard for honest code:
+``model_mounts`` gives the worker the directories of the admitted models, the only ones a job's
+sandbox mounts, so code that skips the policy finds no other model to open.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+import glob
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergearena.checkpoints import Checkpoint, is_adapter_dir, resolve_model_ref
 from mergearena.checkpoints.lora import ADAPTER_BIN, ADAPTER_SAFETENSORS
+from mergearena.checkpoints.refs import (
+    ZOO_ADAPTER_SUFFIX,
+    ZOO_BASE_NAME,
+    ZOO_EXPERTS_DIR,
+    ZOO_PREFIX,
+    split_adapter_ref,
+    zoo_expert_names,
+    zoo_model_dir,
+)
 from mergearena.errors import CheckpointError, SubmissionError
 
 
@@ -99,3 +111,66 @@ class ModelPolicy:
         if ref not in self.used:
             self.used.append(ref)
         return path
+
+
+@dataclass(frozen=True)
+class ModelMounts:
+    """What a job's sandbox mounts so that it can read exactly the models its competition
+    admits: ``readonly``, each admitted model's directory on its own (never a cache holding
+    others), and ``hidden``, directories that hold admitted and other models alike (the zoo's
+    committed experts, inside the package), emptied so that only what is bound inside shows."""
+
+    readonly: tuple[Path, ...]
+    hidden: tuple[Path, ...]
+
+
+HUB_FOLDER_PREFIX = "models--"  # the hub cache's folder of org/name is models--org--name
+
+
+def model_mounts(allowed_models: Sequence[str], hub_cache: Path) -> ModelMounts:
+    """The directories of the models ``allowed_models`` admits that exist here.
+
+    - an absolute path, or a glob of them: that path;
+    - ``zoo:NAME`` or a pattern (``zoo:*``): each zoo model it matches, built in the cache
+      (``<cache>/zoo/<name>``) or committed in the package (``zoo:<task>-lora``);
+    - a hub id ``org/name[@revision]`` or a pattern (``org/*``): the model's folder in
+      ``hub_cache``, every revision (a snapshot's files link into the folder's blobs);
+    - ``BASE+ADAPTER``: both halves.
+
+    An empty allowlist admits any model: the whole zoo and the whole hub cache are mounted; a
+    local directory elsewhere is not (list it to admit it). Relative paths are the job's own.
+    """
+    if not allowed_models:
+        return ModelMounts((*_zoo_dirs(lambda ref: True), hub_cache), ())
+    entries = [half for entry in allowed_models for half in split_adapter_ref(entry) if half]
+    readonly: list[Path] = []
+    for entry in entries:
+        if Path(entry).is_absolute():
+            readonly += [Path(p) for p in sorted(glob.glob(entry))]
+    readonly += _zoo_dirs(lambda ref: is_listed(ref, entries))
+    for folder in sorted(hub_cache.glob(f"{HUB_FOLDER_PREFIX}*")):
+        repo_id = folder.name.removeprefix(HUB_FOLDER_PREFIX).replace("--", "/")
+        if any(fnmatch.fnmatchcase(repo_id, entry.partition("@")[0]) for entry in entries):
+            readonly.append(folder)
+    hidden = (ZOO_EXPERTS_DIR,) if ZOO_EXPERTS_DIR.is_dir() else ()
+    return ModelMounts(tuple(dict.fromkeys(readonly)), hidden)
+
+
+def _zoo_dirs(admits: Callable[[str], bool]) -> list[Path]:
+    """What to mount of each zoo model that ``admits`` its reference and that exists.
+
+    A committed expert adapter (``zoo:<task>-lora``) is its directory. A full-weight expert
+    (``zoo:<task>``) is its directory in the cache, plus its adapter's ``adapter_config.json``
+    alone: the zoo knows its experts by those files (``zoo_expert_names``), and the config
+    holds no weights.
+    """
+    found: list[Path] = []
+    for name in [ZOO_BASE_NAME, *zoo_expert_names()]:
+        if admits(f"{ZOO_PREFIX}{name}") and zoo_model_dir(name).is_dir():
+            found.append(zoo_model_dir(name))
+    for task in zoo_expert_names():
+        if admits(f"{ZOO_PREFIX}{task}{ZOO_ADAPTER_SUFFIX}"):
+            found.append(ZOO_EXPERTS_DIR / task)
+        elif admits(f"{ZOO_PREFIX}{task}"):
+            found.append(ZOO_EXPERTS_DIR / task / "adapter_config.json")
+    return found

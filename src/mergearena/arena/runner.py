@@ -17,7 +17,8 @@ A submission is a recipe (YAML); a Python file with ``@merge_method`` functions 
 model, the directory ``mergearena route`` writes (no code: the base plus LoRA experts and a router,
 kept as they are rather than merged, and scored like any model). Every model it names goes
 through the job's ``ModelPolicy`` (allowlist, parameter limit) before anything is merged. The
-policy is a guard for honest code; the sandbox must still expose only allowed models.
+policy is a guard for honest code; the sandbox mounts only the allowed models
+(``policy.model_mounts``), so code that skips it finds no other.
 
 The submission's own inference. A starter-kit method class that overrides
 ``predict_multiple_choice`` or ``generate`` (a method that is not ``Merges``'s own), or a

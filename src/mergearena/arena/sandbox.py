@@ -2,14 +2,23 @@
 
 What the sandbox holds the command to:
 
-- Files: the host's ``/`` read-only, with fresh empty tmpfs over ``/tmp``, ``/var/tmp``, ``/root``,
-  ``/home`` and ``/run`` (where secrets and other users' files live; each at most
-  ``Limits.private_dir_bytes``, since a tmpfs lives in RAM), a minimal ``/dev`` and the
-  pid namespace's own ``/proc``. The caller adds read-only paths (the Python prefix, the model
-  cache), hides paths (an empty tmpfs over a directory; over a file, /dev/null, which cannot
-  be opened on a nodev mount) and gives one writable ``workdir``, bound at its own path so paths
-  in job files mean the same inside and out. Later mounts win: system, private tmpfs,
-  ``readonly``, ``hidden``, ``workdir``.
+- Files: a root of its own, an empty tmpfs (read-only once set up), holding only what is
+  mounted into it. The system, read-only: ``/usr``, ``/bin``, ``/sbin``, ``/lib*`` and of
+  ``/etc`` only the dynamic linker's cache and settings, ``passwd``, ``group``,
+  ``nsswitch.conf``, the certificates and ``localtime`` (``SYSTEM_PATHS``); of ``/sys`` the
+  CPU and NUMA node lists (all of ``/sys`` read-only when GPU device files are passed in, for
+  the driver). A minimal ``/dev``, the pid namespace's own ``/proc``, and fresh empty tmpfs
+  dirs at ``/tmp``, ``/var/tmp``, ``/root``, ``/home`` and ``/run`` (each at most
+  ``Limits.private_dir_bytes``, since a tmpfs lives in RAM). Then what the caller gives:
+  ``readonly`` paths, ``hidden`` paths (an empty tmpfs over a directory; over a file,
+  /dev/null, which cannot be opened on a nodev mount) and one writable ``workdir``, each bound
+  at its own path so paths in job files mean the same inside and out. A path is mounted after
+  every path above it, so a path bound inside a hidden directory shows alone in it (one
+  admitted model of a folder of models), and a hidden path inside a bound one stays hidden.
+  Nothing else of the host is there: not its ``/``, its other users' files, ``/etc/shadow``,
+  a model cache as a whole, the worker's data directory or the project's checkout. What a job
+  gets is the worker's choice (``arena.worker``): the Python environment, the calibration
+  files, each model its competition admits (``policy.model_mounts``) and its work folder.
 - Network: a fresh network namespace holding only loopback, so nothing outside can be reached,
   the host's loopback services included.
 - Processes: a fresh pid namespace. When the command exits or is killed, every process it
@@ -18,8 +27,8 @@ What the sandbox holds the command to:
   the command owning every file of the host, ``/etc/shadow`` included) but drops to ``nobody``
   through ``setpriv``, with no capabilities and no_new_privs, before the command starts; the
   workdir is given to ``nobody`` so it can write there. ``readonly`` paths must be readable by
-  ``nobody``; a directory on the way to one that ``nobody`` cannot enter (``/root``, a 0700
-  ``mkdtemp``) is replaced by an empty tmpfs with only the bound paths inside. Run as another
+  ``nobody``; a directory on the way to one that ``nobody`` cannot enter (a 0700 ``mkdtemp``)
+  is replaced by an empty tmpfs with only the bound paths inside. Run as another
   user, bwrap makes a user namespace and the command runs as that user.
 - Resources (``Limits``), set with setrlimit on bwrap and inherited: per-process address space,
   CPU time and file size, core dumps off, and ``RLIMIT_NPROC``. The kernel counts processes per
@@ -41,10 +50,11 @@ worker passes ``/dev/nvidia*`` when it runs on CUDA).
   job's log) says so.
 
 What it does not do: limit CPU across processes (only each process's CPU time, and the wall
-time of the whole). ``sandbox=False`` runs the same command with the same environment, rlimits,
-cgroup limits, wall limit and output cap but none of the above: the command runs as the caller
-(for root, ``RLIMIT_NPROC`` then does not bind) and sees everything; at the end, what stays in
-its process group is killed, and with a cgroup everything it started.
+time of the whole); cap the size of the workdir (the worker makes each job's a file system of
+its own: ``arena.workarea``). ``sandbox=False`` runs the same command with the same environment,
+rlimits, cgroup limits, wall limit and output cap but none of the above: the command runs as the
+caller (for root, ``RLIMIT_NPROC`` then does not bind) and sees everything; at the end, what
+stays in its process group is killed, and with a cgroup everything it started.
 """
 
 from __future__ import annotations
@@ -70,6 +80,32 @@ from mergearena.errors import ArenaError
 
 SANDBOX_UID = 65534  # nobody (and gid nogroup): who a command runs as when the arena runs as root
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/root", "/home", "/run")  # each a fresh tmpfs inside
+# The system a command needs, read-only: programs and libraries (merged-/usr links kept as links),
+# and of /etc only what the C library and Python read: the dynamic linker's cache and settings,
+# user and group names (nobody's), name service settings, certificates and the time zone. Not
+# /etc as a whole: a host keeps credentials there.
+SYSTEM_PATHS = (
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/ssl/certs",
+    "/etc/localtime",
+)
+# The C library (sysconf), OpenMP and torch count CPUs and NUMA nodes from these.
+SYSTEM_SYS_PATHS = ("/sys/devices/system/cpu", "/sys/devices/system/node")
+# A GPU's driver and NVML read its PCI topology, NUMA nodes and module state across /sys:
+# hardware state, no user's files.
+GPU_SYSTEM_PATHS = ("/sys",)
 # setpriv becomes nobody with no supplementary groups, no capabilities left anywhere (effective,
 # inheritable, bounding) and no_new_privs, so not even a setuid binary can give root back.
 _SETPRIV_DROP_ROOT = (
@@ -330,32 +366,66 @@ def _sandbox_argv(
         ]
     else:
         command += ["--unshare-all"]
-    command += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    # The new root is an empty tmpfs: only what is mounted below exists inside.
+    command += _system_mounts(gpu=bool(devices))
+    command += ["--dev", "/dev", "--proc", "/proc"]
     for device in devices:
         command += ["--dev-bind", str(device), str(device)]
     for directory in PRIVATE_DIRS:
         # writable by nobody, like /tmp, and of a bounded size (a tmpfs fills RAM)
         command += ["--size", str(private_dir_bytes), "--perms", "1777", "--tmpfs", directory]
     bound = [path for p in readonly for path in _both_paths(p)]
-    if as_root:
-        for directory in _closed_ancestors([*_both_paths(workdir), *bound]):
-            command += ["--tmpfs", str(directory)]
-    for path in bound:
-        command += [*_mount_point(path), "--ro-bind", str(path), str(path)]
-    for path in hidden:
-        path = Path(path).resolve()
-        if path.is_dir():
-            command += ["--tmpfs", str(path)]
-        elif path.exists():
-            command += ["--ro-bind", "/dev/null", str(path)]
+    closed = _closed_ancestors([*_both_paths(workdir), *bound]) if as_root else []
+    command += _layered_mounts(bound, closed, hidden)
     for path in _both_paths(workdir):
         command += [*_mount_point(path), "--bind", str(path), str(path)]
+    # the root tmpfs itself: read-only, so no one (the unprivileged user without root
+    # either) can fill RAM through it
+    command += ["--remount-ro", "/"]
     if seccomp_fd is not None:
         command += ["--seccomp", str(seccomp_fd)]
     command += ["--chdir", str(workdir), "--"]
     if as_root:
         command += [str(shutil.which("setpriv")), *_SETPRIV_DROP_ROOT, "--"]
     return command + argv
+
+
+def _system_mounts(*, gpu: bool) -> list[str]:
+    """The system, read-only: ``SYSTEM_PATHS`` as the host has them (a merged-/usr link stays a
+    link), and what of ``/sys`` a run reads (all of it for a GPU's driver)."""
+    command: list[str] = []
+    for name in [*SYSTEM_PATHS, *(GPU_SYSTEM_PATHS if gpu else SYSTEM_SYS_PATHS)]:
+        path = Path(name)
+        if path.is_symlink():
+            command += [*_mount_point(path), "--symlink", os.readlink(path), name]
+        elif path.exists():
+            command += [*_mount_point(path), "--ro-bind", name, name]
+    return command
+
+
+def _layered_mounts(bound: list[Path], closed: list[Path], hidden: list[Path]) -> list[str]:
+    """Mount ``closed`` (empty tmpfs), ``bound`` (read-only) and ``hidden`` paths, each after
+    every path above it: a path bound inside a hidden directory shows through it (the one
+    admitted model of a folder of models), and a hidden path inside a bound one stays hidden.
+
+    A hidden path outside everything mounted is skipped: it is not there anyway.
+    """
+    layers: list[tuple[int, int, list[str]]] = []  # (depth, order at one depth, arguments)
+    for directory in closed:
+        layers.append((len(directory.parts), 0, ["--tmpfs", str(directory)]))
+    for path in bound:
+        layers.append(
+            (len(path.parts), 1, [*_mount_point(path), "--ro-bind", str(path), str(path)])
+        )
+    for path in (Path(p).resolve() for p in hidden):
+        if not any(path.is_relative_to(top) for top in [*bound, *closed]):
+            continue
+        if path.is_dir():
+            layers.append((len(path.parts), 2, ["--tmpfs", str(path)]))
+        elif path.exists():
+            layers.append((len(path.parts), 2, ["--ro-bind", "/dev/null", str(path)]))
+    layers.sort(key=lambda layer: layer[:2])  # stable: the given order within a level
+    return [arg for *_, arguments in layers for arg in arguments]
 
 
 def _mount_point(path: Path) -> list[str]:

@@ -1,11 +1,13 @@
 """`mergearena worker`: claim a submission, run it in the sandbox, score it, record the outcome.
 
-A job runs in its own directory with two halves: ``work/`` is all the sandbox sees (the task inputs,
-the submission, its outputs); ``targets/`` holds the full task files for scoring and is never
-mounted. The arena's data directory is hidden from the sandbox too. What the run wrote is checked
-before it is scored (``arena.scoring``): broken or forged predictions fail the job. While a job
-runs, a thread renews its lease; if this process dies, the lease runs out and another worker
-retries the job.
+A job runs in its own directory: ``work/`` is the only folder the sandbox writes (the task inputs,
+the submission, its outputs), a size-capped file system of its own (``arena.workarea``);
+``calibration/`` is mounted read-only; ``targets/`` holds the full task files for scoring and is
+never mounted. Besides these the sandbox mounts only the Python environment and the models the
+competition admits, each on its own (``policy.model_mounts``): not the model cache, the data
+directory or the project checkout. What the run wrote is checked before it is scored
+(``arena.scoring``): broken or forged predictions fail the job. While a job runs, a thread renews
+its lease; if this process dies, the lease runs out and another worker retries the job.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from mergearena.errors import MergeArenaError
 
 if TYPE_CHECKING:
     from mergearena.arena.sandbox import SandboxResult
+    from mergearena.arena.workarea import WorkArea
 
 LOG_EXCERPT_CHARS = 8000
 
@@ -51,7 +54,12 @@ class WorkerSettings:
     lease_seconds: float = 60.0
     poll_seconds: float = 2.0
     worker_id: str = field(default_factory=_default_worker_id)
-    readonly: tuple[Path, ...] = ()  # more paths the runner needs to read (a model cache)
+    # More paths every job may read, whatever its competition admits (a shared library folder):
+    # not a model cache, which would show every job the models its allowlist leaves out.
+    readonly: tuple[Path, ...] = ()
+    # The cap of each job's work area; None: from the competition's parameter limit
+    # (``workarea.work_area_bytes``).
+    work_area_bytes: int | None = None
 
 
 @dataclass
@@ -109,9 +117,13 @@ def _ending(result: SandboxResult) -> str:
     return f"the run {'was ' if result.status == 'killed' else ''}{result.detail}"
 
 
-def _run_error(reported: dict[str, Any], result: SandboxResult) -> str:
-    """Why the run failed: how it ended, then the error its result.json records (cut short)."""
+def _run_error(reported: dict[str, Any], result: SandboxResult, area: WorkArea) -> str:
+    """Why the run failed: a full work area first (what the run's own error, often a bare
+    "No space left on device" from deep inside a library, means), how it ended, then the error
+    its result.json records (cut short)."""
     message = _ending(result)
+    if area.is_full():
+        message = f"{area.full_message()}: {message}"
     error = reported.get("error")
     if not isinstance(error, str) or not error:
         return message
@@ -119,12 +131,18 @@ def _run_error(reported: dict[str, Any], result: SandboxResult) -> str:
 
 
 def _python_paths() -> list[Path]:
-    """What the runner's interpreter and its packages need to be readable in the sandbox."""
+    """What the runner's interpreter needs readable in the sandbox: its prefixes (the standard
+    library and site-packages) and the two packages it runs, wherever they are installed (an
+    editable install keeps them in a checkout's src/: they alone are mounted, not the checkout
+    with its tests and .git), and the folders of PYTHONPATH and LD_LIBRARY_PATH, which the job's
+    environment keeps."""
+    import llm_merging
     import mergearena
 
     paths = {Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(sys.executable)).parent}
-    paths.add(Path(mergearena.__file__).resolve().parent.parent)  # src/ of an editable install
-    paths.update(Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    paths.update(Path(m.__file__).resolve().parent for m in (mergearena, llm_merging))
+    for variable in ("PYTHONPATH", "LD_LIBRARY_PATH"):
+        paths.update(Path(p) for p in os.environ.get(variable, "").split(os.pathsep) if p)
     return sorted(p for p in paths if p.exists())
 
 
@@ -225,100 +243,124 @@ def build_zoo_experts(allowed_models: Sequence[str]) -> None:
 
 def run_job(session: Session, settings: WorkerSettings, submission: Submission) -> JobOutcome:
     """Run one claimed submission to an outcome; never raises for a submission's own fault."""
+    from mergearena.arena.workarea import job_folder_prefix, work_area, work_area_bytes
+
+    competition = submission.phase.competition
+    scratch = _scratch(settings)
+    scratch.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=job_folder_prefix(submission.id), dir=scratch))
+    size = settings.work_area_bytes or work_area_bytes(competition.max_parameters)
+    try:
+        with work_area(root / "work", size) as area:
+            try:
+                job, work, targets, calibration = _write_job(settings, submission, root)
+                session.commit()  # hold no transaction open for the length of the run
+            except MergeArenaError as error:
+                return JobOutcome("failed", str(error), error=str(error))
+            return _run_and_score(settings, submission, area, job, targets, calibration)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _scratch(settings: WorkerSettings) -> Path:
+    return settings.scratch_dir or Path(tempfile.gettempdir())
+
+
+def _job_environment(work: Path, calibration: Path) -> dict[str, str]:
+    """The runner's whole environment: models are found by reference inside the sandbox at the
+    paths they have outside (``MERGEARENA_CACHE``, the hub cache), offline."""
+    from mergearena.checkpoints.refs import mergearena_cache_dir
+
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface"))
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(work),
+        "TMPDIR": str(work),
+        "MERGEARENA_CACHE": str(mergearena_cache_dir()),
+        "HF_HOME": str(hf_home),
+        "HF_HUB_CACHE": os.environ.get("HF_HUB_CACHE") or str(hf_home / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",  # a run killed at the time limit keeps its last lines
+        "LANG": "C.UTF-8",
+        "MERGEARENA_CALIBRATION": str(calibration),  # the calibration files, read-only
+    }
+    for name in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "PYTHONPATH"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def _run_and_score(
+    settings: WorkerSettings,
+    submission: Submission,
+    area: WorkArea,
+    job: Path,
+    targets: Path,
+    calibration: Path,
+) -> JobOutcome:
+    """Run the job laid out in ``area`` in the sandbox, then score what it wrote."""
+    from mergearena.arena.policy import model_mounts
     from mergearena.arena.sandbox import Limits, run_sandboxed, sandbox_available
     from mergearena.evaluation.tasks import load_task
 
     competition = submission.phase.competition
-    scratch = settings.scratch_dir or Path(tempfile.gettempdir())
-    scratch.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=f"mergearena-job-{submission.id}-", dir=scratch))
-    try:
+    work = area.path
+    reason = sandbox_available()
+    if reason is not None and submission.kind == "code" and not competition.allow_unsandboxed:
+        message = f"code submissions need a sandbox, and this worker has none: {reason}"
+        return JobOutcome("failed", message, error=message)
+    build_zoo_experts(competition.allowed_models)
+    env = _job_environment(work, calibration)
+    # A GPU worker passes the NVIDIA device files through; CUDA reserves far more address
+    # space than it uses, so RLIMIT_AS cannot bound its memory (the GPU's own size does).
+    # The competition's memory limit still bounds the job's resident memory as a whole,
+    # where the machine delegates cgroups (see the sandbox's log line).
+    gpu = settings.device.startswith("cuda")
+    devices = sorted(Path("/dev").glob("nvidia*")) if gpu else []
+    # Only the models the competition admits are there to read, each on its own.
+    models = model_mounts(competition.allowed_models, Path(env["HF_HUB_CACHE"]))
+    readonly = [*_python_paths(), calibration, *models.readonly, *settings.readonly]
+    result = run_sandboxed(
+        [sys.executable, "-m", "mergearena.arena.runner", str(job)],
+        workdir=work,
+        readonly=[p for p in readonly if p.exists()],
+        hidden=[settings.data_dir.absolute(), targets, *models.hidden],
+        env=env,
+        limits=Limits(
+            wall_seconds=competition.time_limit_seconds,
+            memory_bytes=None if gpu else competition.memory_limit_bytes,
+            total_memory_bytes=competition.memory_limit_bytes,
+        ),
+        sandbox=reason is None,
+        devices=devices,
+    )
+    ending = _ending(result)
+    if result.peak_memory_bytes is not None:  # measured where cgroups hold the job
+        ending += f"; its processes together peaked at {result.peak_memory_bytes / 2**30:.2f} GiB"
+    # which guards and limits held it first, how it ended last
+    output = f"{result.confinement}\n{area.description}\n{result.output}\n{ending}"
+    log = _excerpt(output)
+    reported = _reported(work)
+    costs = _costs(result, reported, gpu)
+    if result.status == "timed_out":
+        limit = competition.time_limit_seconds
+        message = f"stopped at the time limit of {limit} s (for merge and inference together)"
+        return JobOutcome("timed_out", log, error=message, costs=costs)
+    if result.returncode != 0:
+        error = _run_error(reported, result, area)
+        return JobOutcome("failed", log, error=error, costs=costs)
+    scores: dict[str, float] = {}
+    for task in submission.phase.tasks:
+        full = load_task(targets / f"{task.name}.csv")
+        predictions = work / "out" / "predictions" / f"{task.name}.csv"
         try:
-            job, work, targets, calibration = _write_job(settings, submission, root)
-            session.commit()  # hold no transaction open for the length of the run
-        except MergeArenaError as error:
-            return JobOutcome("failed", str(error), error=str(error))
-        reason = sandbox_available()
-        if reason is not None and submission.kind == "code" and not competition.allow_unsandboxed:
-            message = f"code submissions need a sandbox, and this worker has none: {reason}"
-            return JobOutcome("failed", message, error=message)
-        build_zoo_experts(competition.allowed_models)
-        from mergearena.checkpoints.refs import mergearena_cache_dir
-
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(work),
-            "TMPDIR": str(work),
-            "MERGEARENA_CACHE": str(mergearena_cache_dir()),
-            "HF_HOME": str(Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface"))),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONUNBUFFERED": "1",  # a run killed at the time limit keeps its last lines
-            "LANG": "C.UTF-8",
-            "MERGEARENA_CALIBRATION": str(calibration),  # the calibration files, read-only
-        }
-        for name in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "PYTHONPATH"):
-            if name in os.environ:
-                env[name] = os.environ[name]
-        # A GPU worker passes the NVIDIA device files through; CUDA reserves far more address
-        # space than it uses, so RLIMIT_AS cannot bound its memory (the GPU's own size does).
-        # The competition's memory limit still bounds the job's resident memory as a whole,
-        # where the machine delegates cgroups (see the sandbox's log line).
-        gpu = settings.device.startswith("cuda")
-        devices = sorted(Path("/dev").glob("nvidia*")) if gpu else []
-        # Models the competition allows by path must be readable; the zoo lives in the cache.
-        allowed_paths = [Path(m) for m in competition.allowed_models if Path(m).is_absolute()]
-        readonly = [
-            *_python_paths(),
-            calibration,
-            mergearena_cache_dir(),
-            Path(env["HF_HOME"]),
-            *allowed_paths,
-        ]
-        result = run_sandboxed(
-            [sys.executable, "-m", "mergearena.arena.runner", str(job)],
-            workdir=work,
-            readonly=[p for p in [*readonly, *settings.readonly] if p.exists()],
-            hidden=[settings.data_dir.absolute(), targets],
-            env=env,
-            limits=Limits(
-                wall_seconds=competition.time_limit_seconds,
-                memory_bytes=None if gpu else competition.memory_limit_bytes,
-                total_memory_bytes=competition.memory_limit_bytes,
-            ),
-            sandbox=reason is None,
-            devices=devices,
-        )
-        ending = _ending(result)
-        if result.peak_memory_bytes is not None:  # measured where cgroups hold the job
-            ending += (
-                f"; its processes together peaked at {result.peak_memory_bytes / 2**30:.2f} GiB"
-            )
-        # which guards and limits held it first, how it ended last
-        output = f"{result.confinement}\n{result.output}\n{ending}"
-        log = _excerpt(output)
-        reported = _reported(work)
-        costs = _costs(result, reported, gpu)
-        if result.status == "timed_out":
-            limit = competition.time_limit_seconds
-            message = f"stopped at the time limit of {limit} s (for merge and inference together)"
-            return JobOutcome("timed_out", log, error=message, costs=costs)
-        if result.returncode != 0:
-            error = _run_error(reported, result)
-            return JobOutcome("failed", log, error=error, costs=costs)
-        scores: dict[str, float] = {}
-        for task in submission.phase.tasks:
-            full = load_task(targets / f"{task.name}.csv")
-            predictions = work / "out" / "predictions" / f"{task.name}.csv"
-            try:
-                scores[task.name] = score_task(full, predictions, root=work).value
-            except RejectedOutput as error:  # broken or forged predictions: not scored at all
-                return JobOutcome("failed", _excerpt(f"{output}\n{error}"), error=str(error))
-        average = sum(scores.values()) / len(scores) if scores else None
-        return JobOutcome("scored", log, scores=scores, average=average, costs=costs)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+            scores[task.name] = score_task(full, predictions, root=work).value
+        except RejectedOutput as error:  # broken or forged predictions: not scored at all
+            return JobOutcome("failed", _excerpt(f"{output}\n{error}"), error=str(error))
+    average = sum(scores.values()) / len(scores) if scores else None
+    return JobOutcome("scored", log, scores=scores, average=average, costs=costs)
 
 
 class _LeaseKeeper(threading.Thread):
@@ -385,6 +427,10 @@ def run_worker(
 ) -> int:
     """Process jobs until ``max_jobs`` are done, or the queue is empty with ``until_empty``,
     else forever (polling). Returns how many jobs were processed."""
+    from mergearena.arena.workarea import remove_abandoned_jobs
+
+    for folder in remove_abandoned_jobs(_scratch(settings)):
+        print(f"worker: removed {folder}, left by a worker that died", file=sys.stderr)
     done = 0
     while max_jobs is None or done < max_jobs:
         submission = work_once(sessions, settings)
