@@ -29,7 +29,9 @@ from mergearena.arena.runner import load_job
 from mergearena.arena.web import ArenaSettings, create_app
 
 ORGANIZER = {"Authorization": "Bearer organizer-secret"}
-HEAD = "0006"  # the schema revision a fresh or upgraded arena database is at
+# The test client posts as a browser on the arena's own pages would: saying where it comes from.
+SAME_ORIGIN = {"Origin": "http://testserver"}
+HEAD = "0007"  # the schema revision a fresh or upgraded arena database is at
 MC_TASK = (
     b"id,input,target,answer_choices,eval_type\n"
     b"1,good film,0,\"['positive', 'negative']\",multiple_choice\n"
@@ -72,7 +74,8 @@ def database_url(request, tmp_path: Path) -> str:
 @pytest.fixture()
 def arena(tmp_path: Path, database_url: str):
     sessions = open_database(database_url)
-    client = TestClient(create_app(ArenaSettings(sessions, tmp_path, "organizer-secret")))
+    app = create_app(ArenaSettings(sessions, tmp_path, "organizer-secret"))
+    client = TestClient(app, headers=SAME_ORIGIN)
     created = client.post(
         "/api/competitions",
         json={"slug": "demo", "name": "Demo", "allowed_models": ["zoo:*"], "daily_submissions": 2},
@@ -300,6 +303,7 @@ def test_a_submission_shows_its_log_only_to_its_team_and_the_organizer(arena) ->
     client, sessions = arena
     headers = _team(client, "alpha")
     mine = _submit(client, headers).json()["id"]
+    _score(sessions, mine, 0.5)  # public once scored in a phase that shows its scores
     with sessions() as session:
         session.get(Submission, mine).log = "a secret path"
         session.commit()
@@ -311,6 +315,7 @@ def test_a_submission_shows_its_log_only_to_its_team_and_the_organizer(arena) ->
     ):
         shown = client.get(f"/api/submissions/{mine}", headers=who).json()
         assert ("log" in shown) is sees and ("file_sha256" in shown) is sees, who
+        assert ("is_final" in shown) is sees, who
         assert shown["team"] == "alpha" and shown["submitted_at"].endswith("Z")
 
 
@@ -603,9 +608,17 @@ def test_finals_rerun_each_teams_chosen_or_best_submission_unchanged(arena, tmp_
     assert refused.status_code in (400, 404)
 
 
+def _run_finals(client: TestClient) -> list[dict]:
+    ran = client.post("/api/competitions/demo/finals", headers=ORGANIZER)
+    assert ran.status_code == 200, ran.text
+    return ran.json()["queued"]
+
+
 def test_the_final_phase_hides_scores_until_closed(arena) -> None:
     client, sessions = arena
-    mine = _submit(client, _team(client, "alpha"), phase="final").json()["id"]
+    alpha = _team(client, "alpha")
+    _score(sessions, _submit(client, alpha).json()["id"], 0.5)
+    (mine,) = [run["id"] for run in _run_finals(client)]
     _score(sessions, mine, 0.7)
     hidden = client.get("/api/leaderboard", params={"phase": "final"}).json()
     assert hidden["rows"][0]["average"] is None and hidden["rows"][0]["rank"] is None
@@ -615,8 +628,9 @@ def test_the_final_phase_hides_scores_until_closed(arena) -> None:
     assert closed.status_code == 200
     shown = client.get("/api/leaderboard", params={"phase": "final"}).json()
     assert shown["rows"][0]["average"] == 0.7 and shown["rows"][0]["rank"] == 1
-    refused = _submit(client, _team(client, "beta"), phase="final")
-    assert refused.status_code == 400 and "closed" in refused.json()["detail"]
+    files = {"file": ("base.yaml", RECIPE)}
+    late = client.post("/api/baselines", data={"phase": "final"}, files=files, headers=ORGANIZER)
+    assert late.status_code == 400 and "closed" in late.json()["detail"]
 
 
 def test_rerun_queues_a_submission_again(arena) -> None:
@@ -772,8 +786,9 @@ def test_the_competition_page_draws_progress_and_spread_without_scripts(arena, t
     assert "50–55: 0 team(s)" in bars  # the baseline is a dashed line, not a team
     assert "<script" not in page.text
     # While a phase hides its scores, so do its charts.
-    hidden = _submit(client, _team(client, "gamma"), phase="final").json()["id"]
-    _score(sessions, hidden, 0.9)
+    files = {"file": ("base.yaml", RECIPE)}
+    hidden = client.post("/api/baselines", data={"phase": "final"}, files=files, headers=ORGANIZER)
+    _score(sessions, hidden.json()["id"], 0.9)
     assert "<svg" not in client.get("/c/demo", params={"phase": "final"}).text
 
 
@@ -795,13 +810,20 @@ def test_untrusted_names_are_escaped_on_every_page(arena) -> None:
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text, path
 
 
-def test_the_submission_form_queues_and_reports_errors(arena) -> None:
+def test_the_submission_form_queues_for_the_signed_in_team_and_reports_errors(arena) -> None:
     client, _ = arena
     token = _team(client, "alpha")["Authorization"].split()[1]
-    form = {"competition": "demo", "name": "from the form", "token": token}
+    form = {"competition": "demo", "name": "from the form"}
+    unsigned = client.post("/submit", data=form, files={"file": ("r.yaml", RECIPE)})
+    assert unsigned.status_code == 401 and "no API token given" in unsigned.text
+    assert "Sign in first" in client.get("/submit").text
+    client.post("/team", data={"token": token})  # signing in sets the cookie the form uses
+    assert "Submitting as team “alpha”" in client.get("/submit").text
     ok = client.post("/submit", data=form, files={"file": ("r.yaml", RECIPE)})
     assert ok.status_code == 200 and "from the form" in ok.text and "queued" in ok.text
-    bad = client.post("/submit", data={**form, "token": "nope"}, files={"file": ("r.yaml", RECIPE)})
+    client.cookies.clear()
+    client.cookies.set("mergearena_team", "nope")
+    bad = client.post("/submit", data=form, files={"file": ("r.yaml", RECIPE)})
     assert bad.status_code == 401 and "not valid" in bad.text
 
 
@@ -1011,3 +1033,335 @@ def test_the_organizer_pages_create_a_competition_its_phases_and_tasks(arena) ->
     client.post(f"/admin/phases/{final_id}/close")
     with sessions() as session:
         assert service.get_competition(session, "second").phases[1].closed
+
+
+# ------------------------------------------------------------------ what a rival cannot game
+
+
+def test_a_team_s_upload_to_the_final_phase_is_refused_saying_how_finals_work(arena) -> None:
+    client, sessions = arena
+    alpha = _team(client, "alpha")
+    refused = _submit(client, alpha, "straight to the finals", phase="final")
+    assert refused.status_code == 400
+    assert "POST /api/teams/me/final" in refused.json()["detail"]
+    assert "organizer queues" in refused.json()["detail"]
+    with sessions() as session:
+        assert session.scalars(select(Submission)).all() == []
+    files = {"file": ("base.yaml", RECIPE)}
+    baseline = client.post(
+        "/api/baselines", data={"phase": "final"}, files=files, headers=ORGANIZER
+    )
+    assert baseline.status_code == 201 and baseline.json()["phase"] == "final"
+
+
+def test_the_final_board_ranks_only_queued_finals_and_baselines(arena, tmp_path: Path) -> None:
+    """A team's own final-phase upload (accepted before uploads there were refused) is no
+    final: the board after the reveal leaves it out."""
+    client, sessions = arena
+    alpha, beta = _team(client, "alpha"), _team(client, "beta")
+    _score(sessions, _submit(client, alpha).json()["id"], 0.5)
+    (rerun,) = _run_finals(client)
+    _score(sessions, rerun["id"], 0.6)
+    with sessions() as session:  # beta's upload straight into the finals, from an older arena
+        beta_team = service.team_for_token(session, beta["Authorization"].split()[1])
+        final = service.get_phase(service.get_competition(session, "demo"), "final")
+        direct = Submission(
+            phase=final,
+            team=beta_team,
+            name="direct",
+            kind="recipe",
+            file_name="r.yaml",
+            file_sha256=rerun["file_sha256"],
+        )
+        session.add(direct)
+        session.commit()
+        direct_id = direct.id
+    _score(sessions, direct_id, 0.99)
+    client.post("/api/competitions/demo/phases/final/close", headers=ORGANIZER)
+    rows = client.get("/api/leaderboard", params={"phase": "final"}).json()["rows"]
+    assert [(r["rank"], r["submission_id"]) for r in rows] == [(1, rerun["id"])]
+
+
+def _final_rows(client: TestClient, **params) -> list[tuple[str, int]]:
+    board = client.get("/api/leaderboard", params={"phase": "final", **params}).json()
+    return [(r["team"], r["submission_id"]) for r in board["rows"]]
+
+
+def test_a_hidden_final_board_shows_each_team_s_pick_whatever_the_scores(arena) -> None:
+    """The attack: a team with two finals reruns compares the hidden board in mode best with
+    mode latest; where they differ, the hidden scores disagree with the order it ran them."""
+    client, sessions = arena
+    alpha = _team(client, "alpha")
+    first, second = (_submit(client, alpha, n, RECIPE + f"# {n}\n".encode()) for n in "ab")
+    first, second = first.json()["id"], second.json()["id"]
+    _score(sessions, first, 0.6)
+    _score(sessions, second, 0.8)
+    reruns = {}
+    for pick in (first, second):  # a pick, the finals, then another pick and the finals again
+        client.post("/api/teams/me/final", json={"submission_id": pick}, headers=alpha)
+        (queued,) = _run_finals(client)
+        reruns[pick] = queued["id"]
+    _score(sessions, reruns[first], 0.9)  # the older rerun scores better, hidden
+    _score(sessions, reruns[second], 0.3)
+    for pick in (second, first):  # the pick stands, be it the latest rerun or not
+        client.post("/api/teams/me/final", json={"submission_id": pick}, headers=alpha)
+        for mode in (None, "best", "latest"):
+            shown = _final_rows(client, **({"mode": mode} if mode else {}))
+            assert shown == [("alpha", reruns[pick])], (pick, mode)
+    own = client.get("/api/teams/me", headers=alpha).json()["submissions"]
+    assert all(s["average"] is None for s in own if s["phase"] == "final")
+    page = client.get("/c/demo", params={"phase": "final"}).text
+    assert "90.0" not in page and "30.0" not in page
+    client.post("/api/competitions/demo/phases/final/close", headers=ORGANIZER)
+    assert _final_rows(client) == [("alpha", reruns[first])]  # the reveal keeps the pick
+
+
+def test_the_baseline_team_s_name_cannot_be_registered_by_a_participant(arena) -> None:
+    client, sessions = arena
+    for name in (service.BASELINE_TEAM, "MergeArena Baselines", "ｍergearena  baselines"):
+        squat = client.post("/api/teams", json={"name": name})
+        assert squat.status_code == 400 and "reserved" in squat.json()["detail"], name
+    files = {"file": ("base.yaml", RECIPE)}
+    baseline = client.post("/api/baselines", data={"name": "b"}, files=files, headers=ORGANIZER)
+    assert baseline.status_code == 201 and baseline.json()["team"] == service.BASELINE_TEAM
+    with sessions() as session:
+        (team,) = session.scalars(select(Team)).all()
+        assert team.is_baseline
+
+
+def test_a_participant_holding_the_baseline_name_from_before_gets_no_baseline(arena) -> None:
+    client, sessions = arena
+    with sessions() as session:  # registered before the name was reserved
+        session.add(Team(name=service.BASELINE_TEAM, token_sha256="0" * 64, is_baseline=False))
+        session.commit()
+    files = {"file": ("base.yaml", RECIPE)}
+    refused = client.post("/api/baselines", files=files, headers=ORGANIZER)
+    assert refused.status_code == 400 and "rename it" in refused.json()["detail"]
+    with sessions() as session:
+        assert session.scalars(select(Submission)).all() == []
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("Équipe", "ÉQUIPE"), ("Straße", "STRASSE"), ("equipe", "ｅｑｕｉｐｅ"), ("ﬁsh", "FISH")],
+)
+def test_team_names_that_fold_alike_are_one_name(arena, first: str, second: str) -> None:
+    client, _ = arena
+    _team(client, first)
+    taken = client.post("/api/teams", json={"name": second})
+    assert taken.status_code == 400 and "already exists" in taken.json()["detail"]
+
+
+def test_registrations_of_one_name_at_once_let_one_through(arena) -> None:
+    _, sessions = arena
+    names = ["Équipe", "ÉQUIPE", "équipe", "ÉQUIPE "]
+    start = threading.Barrier(len(names))
+    outcomes: list[str] = []
+
+    def register(name: str) -> None:
+        with sessions() as session:
+            start.wait()
+            try:
+                service.register_team(session, name)
+                session.commit()
+                outcomes.append("registered")
+            except service.ArenaError as error:
+                assert "already exists" in str(error)
+                outcomes.append("refused")
+
+    threads = [threading.Thread(target=register, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["refused"] * 3 + ["registered"]
+
+
+def _teams_at_0006(database_url: str, names: list[str]) -> None:
+    engine = make_engine(database_url)
+    migrate(engine, "0006")
+    with engine.begin() as connection:
+        teams = Table("teams", MetaData(), autoload_with=connection)
+        for number, name in enumerate(names):
+            connection.execute(
+                teams.insert().values(
+                    name=name, token_sha256=f"{number:064d}", is_baseline=False, created_at=utcnow()
+                )
+            )
+    engine.dispose()
+
+
+def test_the_upgrade_folds_existing_team_names(database_url: str) -> None:
+    _teams_at_0006(database_url, ["Straße", "Alpha"])
+    sessions = open_database(database_url)
+    with sessions() as session:
+        keys = {name: key for name, key in session.execute(select(Team.name, Team.name_key))}
+        assert keys == {"Straße": "strasse", "Alpha": "alpha"}
+        with pytest.raises(service.ArenaError, match="already exists"):
+            service.register_team(session, "STRASSE")
+
+
+def test_the_upgrade_refuses_team_names_that_fold_alike_naming_them(database_url: str) -> None:
+    _teams_at_0006(database_url, ["Équipe", "ÉQUIPE", "beta"])
+    with pytest.raises(service.ArenaError) as refused:
+        open_database(database_url)
+    assert "'Équipe' (id 1) and 'ÉQUIPE' (id 2)" in str(refused.value)
+    assert "Rename all but one" in str(refused.value)
+    engine = make_engine(database_url)
+    with engine.connect() as connection:  # left as it was
+        revision = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+        assert revision == "0006"
+        assert "name_key" not in Table("teams", MetaData(), autoload_with=connection).c
+    engine.dispose()
+
+
+def test_other_teams_submissions_stay_private_until_their_phase_is_public(arena) -> None:
+    client, sessions = arena
+    alpha, beta = _team(client, "alpha"), _team(client, "beta")
+    mine = _submit(client, alpha).json()["id"]
+
+    def read(who: dict):
+        return client.get(f"/api/submissions/{mine}", headers=who)
+
+    for rival in (beta, {}):  # queued: nobody else learns it exists
+        assert read(rival).status_code == 404, rival
+    _score(sessions, mine, 0.5)
+    client.post("/api/teams/me/final", json={"submission_id": mine}, headers=alpha)
+    assert read(alpha).json()["is_final"]
+    for rival in (beta, {}):  # scored in a public phase: what the board shows, never the pick
+        shown = read(rival).json()
+        assert shown["average"] == 0.5 and "is_final" not in shown and "log" not in shown
+    (rerun,) = _run_finals(client)
+    _score(sessions, rerun["id"], 0.7)
+    for rival in (beta, {}):  # the finals, scores hidden: not even that it ran
+        assert client.get(f"/api/submissions/{rerun['id']}", headers=rival).status_code == 404
+    own = client.get(f"/api/submissions/{rerun['id']}", headers=alpha).json()
+    assert own["status"] == "scored" and own["average"] is None and own["scores"] is None
+    client.post("/api/competitions/demo/phases/final/close", headers=ORGANIZER)
+    assert client.get(f"/api/submissions/{rerun['id']}").json()["average"] == 0.7
+
+
+def _signed_in(client: TestClient, name: str) -> str:
+    token = _team(client, name)["Authorization"].split()[1]
+    client.cookies.set("mergearena_team", token)
+    return token
+
+
+@pytest.mark.parametrize(
+    "elsewhere",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},  # a sandboxed frame
+        {"Origin": "http://testserver:8080"},  # another port is another origin
+        {"Referer": "https://evil.example/page"},
+    ],
+)
+def test_a_cross_site_post_with_the_cookie_is_refused(arena, elsewhere: dict) -> None:
+    client, _ = arena
+    token = _signed_in(client, "alpha")
+    del client.headers["Origin"]
+    for path, form in [
+        ("/team/rotate", {}),
+        ("/api/teams/me/token", {}),  # the API takes the cookie too
+        ("/team/final", {"submission_id": "1"}),
+        ("/register", {"name": "login csrf"}),  # signing a browser in to the attacker's team
+        ("/team", {"token": token}),
+        ("/admin", {"token": "organizer-secret"}),
+    ]:
+        refused = client.post(path, data=form, headers=elsewhere)
+        assert refused.status_code == 403, (path, refused.text)
+        assert "may not act for a signed-in browser" in refused.text, path
+    assert client.get("/api/teams/me").json()["team"] == "alpha"  # the token did not rotate
+
+
+def test_a_post_says_where_it_comes_from_unless_it_carries_a_bearer_token(arena) -> None:
+    client, _ = arena
+    _signed_in(client, "alpha")
+    del client.headers["Origin"]
+    # No Origin nor Referer, with the cookie: a browser hiding where the request came from.
+    hidden = client.post("/team/rotate")
+    assert hidden.status_code == 403 and "neither where it comes from" in hidden.text
+    assert client.post("/team/rotate", headers={"Referer": "http://testserver/team"}).is_success
+    # A script without cookies may register, and an API client's bearer token is no ambient
+    # credential: neither needs to say where it comes from.
+    client.cookies.clear()
+    scripted = {
+        "Authorization": f"Bearer {client.post('/api/teams', json={'name': 's'}).json()['token']}"
+    }
+    foreign = client.post(
+        "/api/teams/me/token", headers={**scripted, "Origin": "https://x.example"}
+    )
+    assert foreign.status_code == 200
+
+
+def test_the_sign_in_cookie_is_secure_over_https(tmp_path: Path, database_url: str) -> None:
+    sessions = open_database(database_url)
+    app = create_app(ArenaSettings(sessions, tmp_path, "organizer-secret"))
+    for base, secure in (("https://arena.example", True), ("http://arena.example", False)):
+        client = TestClient(app, base_url=base, headers={"Origin": base})
+        registered = client.post("/register", data={"name": f"team {secure}"})
+        cookie = registered.headers["set-cookie"]
+        assert ("; secure" in cookie.lower()) is secure, cookie
+        assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+
+
+def _limited_client(tmp_path: Path, database_url: str, **limits: str) -> TestClient:
+    sessions = open_database(database_url)
+    settings = ArenaSettings(sessions, tmp_path, "organizer-secret", **limits)
+    return TestClient(create_app(settings), headers=SAME_ORIGIN)
+
+
+def test_registrations_are_limited_per_address(tmp_path: Path, database_url: str) -> None:
+    client = _limited_client(tmp_path, database_url, registration_limit="2/hour")
+    for name in ("a", "b"):
+        _team(client, name)
+    for path, body in [
+        ("/api/teams", {"json": {"name": "c"}}),
+        ("/register", {"data": {"name": "c"}}),
+    ]:
+        refused = client.post(path, **body)
+        assert refused.status_code == 429, path
+        assert 0 < int(refused.headers["Retry-After"]) <= 3600
+        assert "too many registrations from your address" in refused.text
+
+
+def test_wrong_tokens_are_limited_per_address(tmp_path: Path, database_url: str) -> None:
+    client = _limited_client(tmp_path, database_url, failed_token_limit="3/minute")
+    right = _team(client, "alpha")
+    assert client.get("/api/teams/me", headers=right).status_code == 200  # no failure
+    wrong = [{"Authorization": f"Bearer ma_guess{n}"} for n in range(2)]
+    assert [client.get("/api/teams/me", headers=w).status_code for w in wrong] == [401, 401]
+    assert client.post("/admin", data={"token": "guess"}).status_code == 401
+    for headers in (right, ORGANIZER, wrong[0]):  # past the limit, no token is checked
+        refused = client.get("/api/teams/me", headers=headers)
+        assert refused.status_code == 429 and "too many wrong tokens" in refused.text
+        assert 0 < int(refused.headers["Retry-After"]) <= 60
+
+
+def test_the_organizer_token_can_come_from_a_file(tmp_path: Path, monkeypatch) -> None:
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from mergearena.cli import app
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda arena_app, **_: served.append(arena_app))
+    monkeypatch.delenv("MERGEARENA_ORGANIZER_TOKEN", raising=False)
+    token_file = tmp_path / "organizer-token"
+    token_file.write_text("from-the-file\n")
+    common = ["serve", "--db", f"sqlite:///{tmp_path / 'a.db'}", "--data-dir", str(tmp_path)]
+    runner = CliRunner()
+    started = runner.invoke(app, [*common, "--organizer-token-file", str(token_file)])
+    assert started.exit_code == 0, started.output
+    assert served[0].state.settings.organizer_token == "from-the-file"
+    assert "from-the-file" not in started.output
+    twice = runner.invoke(
+        app,
+        [*common, "--organizer-token-file", str(token_file)],
+        env={"MERGEARENA_ORGANIZER_TOKEN": "from-the-environment"},
+    )
+    assert twice.exit_code == 2 and "not both" in twice.output
+    by_env = runner.invoke(app, common, env={"MERGEARENA_ORGANIZER_TOKEN": "from-the-env"})
+    assert by_env.exit_code == 0 and served[-1].state.settings.organizer_token == "from-the-env"
+    help_text = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    assert "visible to other users" in help_text

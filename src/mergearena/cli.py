@@ -980,13 +980,41 @@ DataDirOption = Annotated[
 ]
 
 
-def _arena_database(db: str | None, data_dir: Path | None):  # noqa: ANN202
-    from mergearena.arena.db import default_database_url, open_database
+def _arena_database(db: str | None, data_dir: Path | None, *, worker: bool = False):  # noqa: ANN202
+    """The arena's sessions and data directory; a worker's engine waits longer for locks."""
+    from mergearena.arena.db import (
+        WEB_LOCK_TIMEOUT_SECONDS,
+        WORKER_LOCK_TIMEOUT_SECONDS,
+        default_database_url,
+        open_database,
+    )
     from mergearena.checkpoints.refs import mergearena_cache_dir
 
     directory = (data_dir or mergearena_cache_dir() / "arena").absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    return open_database(db or default_database_url(directory)), directory
+    timeout = WORKER_LOCK_TIMEOUT_SECONDS if worker else WEB_LOCK_TIMEOUT_SECONDS
+    return open_database(db or default_database_url(directory), timeout), directory
+
+
+def _organizer_token(token: str | None, token_file: Path | None) -> str | None:
+    """The organizer token, from ``--organizer-token`` (or its environment variable) or the
+    first line of ``--organizer-token-file``; None where neither is given (make one)."""
+    if token_file is None:
+        return token
+    if token is not None:
+        raise _fail(
+            "give the organizer token once: --organizer-token-file, or --organizer-token / "
+            "MERGEARENA_ORGANIZER_TOKEN, not both"
+        )
+    try:
+        lines = token_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise _fail(f"--organizer-token-file {token_file}: cannot read it ({error})") from None
+    if not lines or not lines[0].strip():
+        raise _fail(
+            f"--organizer-token-file {token_file}: its first line is empty; write the token there"
+        )
+    return lines[0].strip()
 
 
 @app.command()
@@ -1003,7 +1031,34 @@ def serve(
         str | None,
         typer.Option(
             envvar="MERGEARENA_ORGANIZER_TOKEN",
-            help="Token for organizer actions (default: a new one, printed).",
+            help=(
+                "Token for organizer actions (default: a new one, printed). On the command line "
+                "it is visible to other users of the machine (ps): prefer the environment "
+                "variable or --organizer-token-file."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    organizer_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file whose first line is the organizer token (keep it readable by you only).",
+            show_default=False,
+        ),
+    ] = None,
+    registration_limit: Annotated[
+        str | None,
+        typer.Option(
+            help="New teams per client address, in a moving window, e.g. 30/hour (default: "
+            "10/hour; teams behind one NAT share an address: raise it for a classroom).",
+            show_default=False,
+        ),
+    ] = None,
+    failed_token_limit: Annotated[
+        str | None,
+        typer.Option(
+            help="Wrong API or organizer tokens per client address before it must wait "
+            "(default: 20/minute).",
             show_default=False,
         ),
     ] = None,
@@ -1025,23 +1080,27 @@ def serve(
     from mergearena.arena.web import ArenaSettings, create_app
     from mergearena.arena.worker import WorkerSettings, run_worker
 
+    given_token = _organizer_token(organizer_token, organizer_token_file)
+    organizer_token = given_token or new_token()
+    limits = {"registration_limit": registration_limit, "failed_token_limit": failed_token_limit}
+    given = {setting: value for setting, value in limits.items() if value is not None}
     try:
         sessions, directory = _arena_database(db, data_dir)
         if demo:
             from mergearena.arena.demo import seed_demo
 
             seed_demo(sessions, directory, say=console.print)
+        app_ = create_app(ArenaSettings(sessions, directory, organizer_token, **given))
     except MergeArenaError as error:
         raise _fail(error) from None
-    if organizer_token is None:
-        organizer_token = new_token()
+    if not given_token:
         console.print(f"organizer token (this run only): {organizer_token}", highlight=False)
     if worker if worker is not None else demo:
         settings = WorkerSettings(data_dir=directory)
-        threading.Thread(target=run_worker, args=(sessions, settings), daemon=True).start()
+        worker_sessions, _ = _arena_database(db, data_dir, worker=True)
+        threading.Thread(target=run_worker, args=(worker_sessions, settings), daemon=True).start()
         console.print("a worker runs in this process")
     console.print(f"mergearena arena on http://{host}:{port}/  (API docs: /docs)")
-    app_ = create_app(ArenaSettings(sessions, directory, organizer_token))
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
@@ -1061,7 +1120,7 @@ def worker(
     from mergearena.arena.worker import WorkerSettings, run_worker
 
     try:
-        sessions, directory = _arena_database(db, data_dir)
+        sessions, directory = _arena_database(db, data_dir, worker=True)
         _print_dtype(dtype, device)
         settings = WorkerSettings(
             data_dir=directory, device=device, dtype=dtype, lease_seconds=lease_seconds

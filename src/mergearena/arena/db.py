@@ -8,6 +8,7 @@ file and an old one both come out current.
 from __future__ import annotations
 
 import datetime as dt
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,26 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
     create_engine,
     event,
+    select,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+    validates,
+)
 
 PHASE_KINDS = ("validation", "public_test", "final")
 SUBMISSION_KINDS = ("recipe", "code", "routed")
@@ -130,14 +142,35 @@ class PhaseTask(Base):
     phase: Mapped[Phase] = relationship(back_populates="tasks")
 
 
+NAME_KEY_LENGTH = 400  # a 100-character name can grow under NFKC and case folding
+
+
+def fold_name(name: str) -> str:
+    """A team name as compared for uniqueness: Unicode compatibility-normalized (NFKC) and
+    case-folded, so "ÉQUIPE", "équipe", "Straße"/"STRASSE" and full-width letters collide
+    (``lower()`` in SQL folds ASCII only on SQLite, and neither database folds "ß" or "ｅ")."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    return " ".join(folded.split())
+
+
 class Team(Base):
     __tablename__ = "teams"
+    # The unique key that makes two names the same team name, under concurrent registrations too.
+    __table_args__ = (Index("ix_teams_name_key", "name_key", unique=True),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    name_key: Mapped[str] = mapped_column(String(NAME_KEY_LENGTH))  # fold_name(name), kept by _fold
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    # Set only by the service for the organizer's baselines (never from a registration): the
+    # baseline team is found by this flag, not by its name.
     is_baseline: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    @validates("name")
+    def _fold(self, _key: str, name: str) -> str:
+        self.name_key = fold_name(name)
+        return name
 
 
 class Submission(Base):
@@ -210,22 +243,84 @@ def default_database_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'arena.db').absolute()}"
 
 
-def _sqlite_pragmas(connection: Any, _record: Any) -> None:
-    cursor = connection.cursor()
-    # WAL lets the web server read while a worker writes; busy_timeout makes writers queue up
-    # instead of failing at once when several workers claim jobs together.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+# How long a statement waits for another transaction's lock before it fails (and the web app
+# answers 503 with Retry-After). The web server waits briefly: a request that queues behind
+# writers holds a thread and its client. A worker's writes (claim, renew, finish) are rare and
+# must not be lost to a burst of uploads, so it may wait longer (``open_database``'s argument).
+WEB_LOCK_TIMEOUT_SECONDS = 5.0
+WORKER_LOCK_TIMEOUT_SECONDS = 30.0
+
+# An execution option that makes a SQLite transaction start with BEGIN IMMEDIATE (``_begin``).
+_IMMEDIATE = "mergearena_sqlite_immediate"
 
 
-def make_engine(url: str) -> Engine:
+def _sqlite_pragmas(lock_timeout_seconds: float) -> Any:
+    def on_connect(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        # WAL lets readers go on while one writer writes; busy_timeout makes a writer queue for
+        # the lock for that long instead of failing at once.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout_seconds * 1000)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return on_connect
+
+
+def _begin(connection: Connection) -> None:
+    """Start a SQLite transaction with BEGIN IMMEDIATE where ``lock_for_update`` asked for it.
+
+    Other transactions keep pysqlite's own handling (BEGIN before the first write, reads outside
+    a transaction), which never fails a read-then-write request at once with "database is
+    locked". A transaction that must read and write as one step takes the write lock first:
+    waiting for it (busy_timeout) at BEGIN, not failing at its first write when another writer
+    committed since it read.
+    """
+    if connection.get_execution_options().get(_IMMEDIATE):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, lock_timeout_seconds: float = WEB_LOCK_TIMEOUT_SECONDS) -> Engine:
+    """An engine whose statements wait at most ``lock_timeout_seconds`` for a lock."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(lock_timeout_seconds))
+        event.listen(engine, "begin", _begin)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    if not url.startswith("postgresql"):
+        return create_engine(url, pool_pre_ping=True)
+    # PostgreSQL's lock_timeout: a statement waiting that long for a row or table lock fails
+    # (SQLSTATE 55P03), as SQLite's busy_timeout does.
+    options = f"-c lock_timeout={int(lock_timeout_seconds * 1000)}"
+    return create_engine(url, pool_pre_ping=True, connect_args={"options": options})
+
+
+def lock_for_update(session: Session, row: Any) -> None:
+    """Commit what ``session`` holds, then begin a transaction that holds ``row`` locked until
+    the session commits or rolls back: two such transactions on one row run one after the other,
+    so what the second reads includes what the first wrote (a count, then an insert).
+
+    PostgreSQL locks the row (``SELECT ... FOR UPDATE``): writers of other rows go on. SQLite
+    locks the whole database for writing (``BEGIN IMMEDIATE``); keep such transactions short.
+    Both wait at most the engine's lock timeout, then raise ``OperationalError``
+    (``is_lock_timeout``).
+    """
+    session.commit()
+    if session.get_bind().dialect.name == "sqlite":
+        session.connection(execution_options={_IMMEDIATE: True})
+        return
+    entity = type(row)
+    session.execute(select(entity.id).where(entity.id == row.id).with_for_update())
+
+
+def is_lock_timeout(error: OperationalError) -> bool:
+    """The database gave up waiting for a lock another transaction holds (SQLite's "database
+    is locked", PostgreSQL's lock timeout, deadlock or serialization failure): worth retrying."""
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate in ("55P03", "40P01", "40001")
+    message = str(error.orig).lower()
+    return "database is locked" in message or "database is busy" in message
 
 
 # The arena records its schema revision in a table of its own, not Alembic's default
@@ -264,8 +359,9 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
-def open_database(url: str) -> sessionmaker:
-    """An engine for ``url`` with the schema migrated, as a session factory."""
-    engine = make_engine(url)
+def open_database(url: str, lock_timeout_seconds: float = WEB_LOCK_TIMEOUT_SECONDS) -> sessionmaker:
+    """An engine for ``url`` with the schema migrated, as a session factory. A worker passes
+    ``WORKER_LOCK_TIMEOUT_SECONDS``: its engine is its own, even in the web server's process."""
+    engine = make_engine(url, lock_timeout_seconds)
     migrate(engine)
     return sessionmaker(engine, expire_on_commit=False)

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import case, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
 
 from mergearena.arena.db import (
     BOARD_MODES,
+    NAME_KEY_LENGTH,
     PHASE_KINDS,
     TRACKS,
     Award,
@@ -34,6 +36,8 @@ from mergearena.arena.db import (
     Submission,
     Team,
     Writeup,
+    fold_name,
+    lock_for_update,
     utcnow,
 )
 from mergearena.checkpoints.writer import write_atomic
@@ -304,28 +308,61 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+BASELINE_TEAM = "mergearena baselines"
+
+
 def register_team(session: Session, name: str, *, baseline: bool = False) -> tuple[Team, str]:
-    """Create a team; returns it with its API token, which is stored only as a hash."""
+    """Create a team; returns it with its API token, which is stored only as a hash.
+
+    Names are unique as ``db.fold_name`` compares them (Unicode case folding). The database's
+    unique index decides, so of two registrations of one name at once only one succeeds; the
+    other's transaction is lost with its error. The baseline team's name is the organizer's.
+    """
     name = _check_name("team name", name, 100)
-    taken = session.scalar(select(Team).where(func.lower(Team.name) == name.lower()))
-    if taken:
-        raise ArenaError(f"a team named {name!r} already exists; choose another name")
+    key = fold_name(name)
+    if len(key) > NAME_KEY_LENGTH:
+        raise ArenaError(
+            f"the team name {name!r} grows to {len(key)} characters under Unicode normalization; "
+            f"at most {NAME_KEY_LENGTH} are allowed: choose a shorter name"
+        )
+    if key == fold_name(BASELINE_TEAM) and not baseline:
+        raise ArenaError(
+            f"the team name {name!r} is reserved for the organizer's baselines; choose another name"
+        )
     token = new_token()
     team = Team(name=name, token_sha256=_hash_token(token), is_baseline=baseline)
     session.add(team)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError as error:
+        if "name" not in str(error.orig):  # not the name's constraint: not ours to explain
+            raise
+        raise ArenaError(
+            f"a team named {name!r}, or a name that differs only in letter case or Unicode "
+            "form, already exists; choose another name"
+        ) from None
     return team, token
-
-
-BASELINE_TEAM = "mergearena baselines"
 
 
 def baseline_team(session: Session) -> Team:
     """The organizer's baseline "team" (created on first use; its token is never shown: its
-    submissions come from the organizer). Each baseline is ranked as its own entrant."""
-    team = session.scalar(select(Team).where(Team.name == BASELINE_TEAM))
-    if team is None:
-        team, _token = register_team(session, BASELINE_TEAM, baseline=True)
+    submissions come from the organizer). Each baseline is ranked as its own entrant.
+
+    Found by its ``is_baseline`` flag, which no registration sets, never by name alone: a
+    participant who registered the name first would otherwise get the organizer's baselines."""
+    key = fold_name(BASELINE_TEAM)
+    team = session.scalar(select(Team).where(Team.is_baseline, Team.name_key == key))
+    if team is not None:
+        return team
+    squatter = session.scalar(select(Team).where(Team.name_key == key))
+    if squatter is not None:  # registered before the name was reserved
+        raise ArenaError(
+            f"team {squatter.name!r} (id {squatter.id}) is a participant's team that holds the "
+            f"baseline team's name, registered before that name was reserved; rename it "
+            f"(UPDATE teams SET name = 'new name', name_key = 'new name' WHERE id = "
+            f"{squatter.id}) and submit the baseline again"
+        )
+    team, _token = register_team(session, BASELINE_TEAM, baseline=True)
     return team
 
 
@@ -465,8 +502,12 @@ def submit(
     file_name: str,
     content: bytes,
 ) -> Submission:
-    """Validate and queue a submission: phase open, limits, allowlist, a safe archive."""
+    """Validate and queue a submission: phase open, limits, allowlist, a safe archive.
+
+    Commits: what ``session`` held before, then the submission with its daily-limit check, in
+    one transaction under the team's lock (``db.lock_for_update``)."""
     competition = phase.competition
+    check_entry(team, phase)
     name = _check_name("submission name", name, 200)
     file_name = Path(file_name.replace("\\", "/")).name or "submission"
     if phase.closed:
@@ -476,24 +517,49 @@ def submit(
             f"the upload is {len(content)} bytes; at most {MAX_UPLOAD_BYTES} are accepted. "
             "Submit a recipe or code, not model weights: models are named by reference"
         )
-    if not team.is_baseline:
+    limited = not team.is_baseline
+    if limited:  # refuse early, before the work below; the check that binds is the locked one
         check_daily_limit(session, team, competition)
     kind = submission_kind(file_name)
     if kind == "recipe":
         check_recipe(competition, content)
     else:
         kind = check_code(competition, file_name, content)
-    submission = Submission(
-        phase=phase,
-        team=team,
-        name=name,
-        kind=kind,
-        file_name=file_name,
-        file_sha256=store_blob(data_dir, content),
-    )
-    session.add(submission)
-    session.flush()
+    file_sha256 = store_blob(data_dir, content)
+    # Count and insert in one transaction holding the team's lock: uploads released at the same
+    # moment queue here, and the second one counts the first.
+    lock_for_update(session, team)
+    try:
+        if limited:
+            check_daily_limit(session, team, competition)
+        submission = Submission(
+            phase=phase,
+            team=team,
+            name=name,
+            kind=kind,
+            file_name=file_name,
+            file_sha256=file_sha256,
+        )
+        session.add(submission)
+        session.commit()
+    except BaseException:
+        session.rollback()  # let the next upload of this team go at once
+        raise
     return submission
+
+
+def check_entry(team: Team, phase: Phase) -> None:
+    """Refuse a team's own upload to a final phase: the finals run each team's pick, frozen,
+    queued by the organizer (``run_finals``), on tasks no team has been scored on. Only the
+    organizer's baselines may be uploaded there directly."""
+    if phase.kind == "final" and not team.is_baseline:
+        raise SubmissionError(
+            f"phase {phase.name} of {phase.competition.slug} is the finals, which take no "
+            "uploads: choose your final among your submissions to the public phases (POST "
+            '/api/teams/me/final with {"submission_id": N}, or "Make it our final" on your '
+            "team page; without a choice your best on the latest public phase runs), and the "
+            "organizer queues every team's final there with its files unchanged"
+        )
 
 
 def rerun(session: Session, submission: Submission) -> None:
@@ -691,6 +757,14 @@ def winners(session: Session, competition: Competition) -> dict[str, list[Award]
     return by_track
 
 
+def is_public(submission: Submission) -> bool:
+    """Whether anyone may read a submission (its public side: name, team, phase, status,
+    scores): once it is scored in a phase whose scores are shown, as a board could show it.
+    Until then it is its team's and the organizer's, so that no rival learns what a team
+    entered, when, or how its runs went while the phase hides them."""
+    return submission.status == "scored" and submission.phase.scores_visible
+
+
 def team_submissions(session: Session, team: Team) -> list[Submission]:
     return list(
         session.scalars(
@@ -719,39 +793,52 @@ class BoardRow:
 
 def leaderboard(session: Session, phase: Phase, mode: str | None = None) -> list[BoardRow]:
     """One row per team (its best or latest scored submission) and every baseline, ranked by
-    the average of the tasks' main metrics; ties go to the earlier submission."""
+    the average of the tasks' main metrics; ties go to the earlier submission.
+
+    A final phase ranks only the finals the organizer queued (``run_finals``) and baselines,
+    and whatever the mode, a team's row there is the rerun of its final pick, else its latest:
+    chosen without reading a score, so the board says nothing while the scores are hidden (not
+    which of two reruns did better), and the reveal cannot keep the better of two."""
     mode = mode or phase.competition.board_mode
     if mode not in BOARD_MODES:
         raise ArenaError(f"board mode {mode!r} is not one of {', '.join(BOARD_MODES)}")
     # Pick each team's row in the database (a window function, SQLite and PostgreSQL alike), so
     # a board over many thousands of submissions loads one row per team. A baseline is its own
     # "team": every baseline submission keeps its row.
-    order = (
-        (Submission.average.desc().nulls_last(), Submission.created_at, Submission.id)
-        if mode == "best"
-        else (Submission.created_at.desc(), Submission.id.desc())
-    )
+    final = phase.kind == "final"
+    source = aliased(Submission)  # a finals rerun's source, where the team's pick is marked
+    if final:
+        order = (
+            case((source.is_final, 0), else_=1),
+            Submission.created_at.desc(),
+            Submission.id.desc(),
+        )
+    elif mode == "best":
+        order = (Submission.average.desc().nulls_last(), Submission.created_at, Submission.id)
+    else:
+        order = (Submission.created_at.desc(), Submission.id.desc())
+    entries = [
+        Submission.phase_id == phase.id,
+        Submission.status == "scored",
+        Submission.disqualified.is_(False),
+    ]
+    if final:  # a team's own upload there (refused since, but in older databases) is no final
+        entries.append(or_(Submission.rerun_of.is_not(None), Team.is_baseline))
     entrant = case((Team.is_baseline, -Submission.id), else_=Submission.team_id)
-    numbered = (
-        select(
-            Submission.id,
-            Submission.name,
-            Submission.average,
-            Submission.scores,
-            Submission.costs,
-            Submission.created_at,
-            Team.name.label("team"),
-            Team.is_baseline,
-            func.row_number().over(partition_by=entrant, order_by=order).label("position"),
-        )
-        .join(Team, Submission.team_id == Team.id)
-        .where(
-            Submission.phase_id == phase.id,
-            Submission.status == "scored",
-            Submission.disqualified.is_(False),
-        )
-        .subquery()
-    )
+    numbered = select(
+        Submission.id,
+        Submission.name,
+        Submission.average,
+        Submission.scores,
+        Submission.costs,
+        Submission.created_at,
+        Team.name.label("team"),
+        Team.is_baseline,
+        func.row_number().over(partition_by=entrant, order_by=order).label("position"),
+    ).join(Team, Submission.team_id == Team.id)
+    if final:
+        numbered = numbered.outerjoin(source, source.id == Submission.rerun_of)
+    numbered = numbered.where(*entries).subquery()
     chosen = session.execute(select(numbered).where(numbered.c.position == 1)).all()
     visible = phase.scores_visible
     # While a phase hides its scores the order would give them away: list by time, unranked.

@@ -18,11 +18,14 @@ from mergearena.arena.web.deps import (
     SessionDep,
     SettingsDep,
     TeamDep,
-    current_team,
-    is_organizer,
+    may_read,
     only_competition,
     read_upload,
+    reads_privately,
+    register_team,
+    viewer,
 )
+from mergearena.arena.web.limits import takes_upload
 from mergearena.arena.web.schemas import (
     BoardRowOut,
     CalibrationOut,
@@ -40,7 +43,7 @@ from mergearena.arena.web.schemas import (
     submission_out,
     winners_out,
 )
-from mergearena.errors import AuthError, NotFoundError
+from mergearena.errors import NotFoundError
 
 
 class CompetitionIn(service.CompetitionSpec):
@@ -74,7 +77,7 @@ def get_submission(session: SessionDep, submission_id: int) -> Submission:
     return submission
 
 
-async def submit_upload(
+def submit_upload(
     session: Session,
     settings: ArenaSettings,
     team: Team,
@@ -84,7 +87,7 @@ async def submit_upload(
     name: str | None,
 ) -> Submission:
     """Queue an uploaded file as the team's submission (named after the file by default)."""
-    content = await read_upload(file)
+    content = read_upload(file)
     found = service.get_phase(only_competition(session, competition), phase)
     file_name = file.filename or "submission"
     return service.submit(
@@ -137,8 +140,8 @@ def leaderboard(
 
 
 @public.post("/teams", status_code=201)
-def register(body: TeamIn, session: SessionDep) -> RegisteredOut:
-    team, token = service.register_team(session, body.name)
+def register(body: TeamIn, request: Request, session: SessionDep) -> RegisteredOut:
+    team, token = register_team(request, session, body.name)
     return RegisteredOut(team=team.name, token=token)
 
 
@@ -149,15 +152,14 @@ def read_submission(
     session: SessionDep,
     authorization: AuthorizationHeader = None,
 ) -> PrivateSubmissionOut | SubmissionOut:
-    """Its file, attempts and log only for its team and the organizer."""
+    """For its team and the organizer: all of it (its final pick, file, attempts and log).
+    For anyone else: its public side once it is scored in a phase that shows its scores; until
+    then it does not exist to them."""
     submission = get_submission(session, submission_id)
-    private = is_organizer(request, authorization)
-    if not private:
-        try:
-            private = current_team(request, session, authorization).id == submission.team_id
-        except AuthError:
-            private = False
-    return submission_out(submission, private=private)
+    reader = viewer(request, session, authorization)
+    if not may_read(reader, submission):
+        raise NotFoundError(f"no submission {submission_id}")
+    return submission_out(submission, private=reads_privately(reader, submission))
 
 
 # ----------------------------------------------------------------------------------- a team
@@ -183,7 +185,8 @@ def choose_final(me: TeamDep, session: SessionDep, choice: FinalChoice) -> Priva
 
 
 @team.post("/submissions", status_code=201)
-async def submit(
+@takes_upload
+def submit(
     me: TeamDep,
     session: SessionDep,
     settings: SettingsDep,
@@ -192,12 +195,13 @@ async def submit(
     competition: Annotated[str | None, Form()] = None,
     phase: Annotated[str | None, Form()] = None,
 ) -> PrivateSubmissionOut:
-    submission = await submit_upload(session, settings, me, file, competition, phase, name)
+    submission = submit_upload(session, settings, me, file, competition, phase, name)
     return submission_out(submission, private=True)
 
 
 @team.post("/submissions/{submission_id}/writeup", status_code=201)
-async def attach_writeup(
+@takes_upload
+def attach_writeup(
     submission_id: int,
     me: TeamDep,
     session: SessionDep,
@@ -205,7 +209,7 @@ async def attach_writeup(
     file: Annotated[UploadFile, File(description="Markdown (.md) or PDF (.pdf), up to 4 MiB")],
 ) -> WriteupOut:
     """Attach (or replace) a submission's write-up, for the creative track."""
-    content = await read_upload(file)
+    content = read_upload(file)
     writeup = service.attach_writeup(
         session, settings.data_dir, me, submission_id, file.filename or "writeup", content
     )
@@ -239,7 +243,8 @@ def add_phase(
 
 
 @organizer.post("/competitions/{slug}/phases/{phase}/tasks", status_code=201)
-async def add_task(
+@takes_upload
+def add_task(
     slug: str,
     phase: str,
     session: SessionDep,
@@ -248,12 +253,13 @@ async def add_task(
     file: Annotated[UploadFile, File()],
 ) -> TaskOut:
     found = service.get_phase(service.get_competition(session, slug), phase)
-    task = service.add_task(session, settings.data_dir, found, name, await read_upload(file))
+    task = service.add_task(session, settings.data_dir, found, name, read_upload(file))
     return TaskOut.model_validate(task)
 
 
 @organizer.post("/competitions/{slug}/calibration", status_code=201)
-async def add_calibration(
+@takes_upload
+def add_calibration(
     slug: str,
     session: SessionDep,
     settings: SettingsDep,
@@ -261,13 +267,14 @@ async def add_calibration(
     file: Annotated[UploadFile, File()],
 ) -> CalibrationOut:
     competition = service.get_competition(session, slug)
-    content = await read_upload(file)
+    content = read_upload(file)
     added = service.add_calibration(session, settings.data_dir, competition, name, content)
     return CalibrationOut.model_validate(added)
 
 
 @organizer.post("/baselines", status_code=201)
-async def submit_baseline(
+@takes_upload
+def submit_baseline(
     session: SessionDep,
     settings: SettingsDep,
     file: Annotated[UploadFile, File()],
@@ -278,7 +285,7 @@ async def submit_baseline(
     """Queue an organizer's baseline: ranked as its own entrant, marked as a baseline, the bar
     the efficiency track's entries must beat; no daily limit."""
     team = service.baseline_team(session)
-    submission = await submit_upload(session, settings, team, file, competition, phase, name)
+    submission = submit_upload(session, settings, team, file, competition, phase, name)
     return submission_out(submission, private=True)
 
 

@@ -23,11 +23,17 @@ from mergearena.arena.web.deps import (
     SessionDep,
     SettingsDep,
     TeamDep,
+    authenticate_team,
     current_team,
     get_settings,
     is_organizer,
+    organizer_token_is,
     read_upload,
+    reads_privately,
+    register_team,
+    viewer,
 )
+from mergearena.arena.web.limits import takes_upload
 from mergearena.arena.writeups import render_markdown
 from mergearena.errors import ArenaError, AuthError, NotFoundError
 from mergearena.evaluation.tasks import MC_RULES
@@ -53,8 +59,11 @@ def page(request: Request, name: str, status_code: int = 200, **context: Any) ->
     return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 
-def _keep_cookie(response: HTMLResponse, name: str, token: str) -> None:
-    response.set_cookie(name, token.strip(), httponly=True, samesite="strict")
+def _keep_cookie(request: Request, response: Response, name: str, token: str) -> None:
+    """Sign the browser in: HTTP-only, same-site only, and sent over https only where the
+    arena is served over https (as uvicorn sees the request, a trusted proxy's scheme too)."""
+    secure = request.url.scheme == "https"
+    response.set_cookie(name, token.strip(), httponly=True, samesite="strict", secure=secure)
 
 
 def _to_admin() -> RedirectResponse:
@@ -118,7 +127,8 @@ def writeup(submission_id: int, request: Request, session: SessionDep) -> Respon
     is a download, sandboxed."""
     submission = get_submission(session, submission_id)
     found = submission.writeup
-    if found is None or not _may_read(request, session, submission):
+    public = service.is_awarded(session, submission_id)
+    if found is None or not (public or reads_privately(viewer(request, session), submission)):
         raise NotFoundError(f"submission {submission_id} has no write-up to show")
     content = service.blob_path(get_settings(request).data_dir, found.sha256).read_bytes()
     if found.format == "pdf":
@@ -134,39 +144,33 @@ def writeup(submission_id: int, request: Request, session: SessionDep) -> Respon
     return page(request, "writeup.html", submission=submission, writeup=found, html=html)
 
 
-def _may_read(request: Request, session: SessionDep, submission: Submission) -> bool:
-    if service.is_awarded(session, submission.id) or is_organizer(request):
-        return True
-    try:
-        return current_team(request, session) == submission.team
-    except AuthError:
-        return False
-
-
 @pages.get("/submit", response_class=HTMLResponse)
 def submit_form(request: Request, session: SessionDep) -> HTMLResponse:
-    return page(request, "submit.html", competitions=service.competitions(session))
+    try:
+        team = current_team(request, session)
+    except AuthError:
+        team = None
+    return page(request, "submit.html", competitions=service.competitions(session), team=team)
 
 
 @pages.post("/submit", response_class=HTMLResponse)
-async def submit(
+@takes_upload
+def submit(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    me: TeamDep,
     file: Annotated[UploadFile, File()],
     competition: Annotated[str, Form()],
-    token: Annotated[str, Form()] = "",
     name: Annotated[str, Form()] = "",
     phase: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
-    team = service.team_for_token(session, token or request.cookies.get(TEAM_COOKIE))
-    submission = await submit_upload(
-        session, settings, team, file, competition, phase or None, name or None
+    """The signed-in team's upload (its cookie, checked before the file is read: no token
+    field in the form, see ``web/limits.py``)."""
+    submission = submit_upload(
+        session, settings, me, file, competition, phase or None, name or None
     )
-    response = page(request, "submitted.html", submission=submission)
-    if token:
-        _keep_cookie(response, TEAM_COOKIE, token)
-    return response
+    return page(request, "submitted.html", submission=submission)
 
 
 @pages.get("/register", response_class=HTMLResponse)
@@ -176,9 +180,9 @@ def register_form(request: Request) -> HTMLResponse:
 
 @pages.post("/register", response_class=HTMLResponse)
 def register(request: Request, session: SessionDep, name: Annotated[str, Form()]) -> HTMLResponse:
-    team, token = service.register_team(session, name)
+    team, token = register_team(request, session, name)
     response = page(request, "register.html", team=team, token=token)
-    _keep_cookie(response, TEAM_COOKIE, token)
+    _keep_cookie(request, response, TEAM_COOKIE, token)
     return response
 
 
@@ -194,16 +198,16 @@ def team(request: Request, session: SessionDep) -> HTMLResponse:
     token = request.cookies.get(TEAM_COOKIE)
     if not token:
         return page(request, "login.html", action="/team", who="team")
-    return _team_page(request, session, service.team_for_token(session, token))
+    return _team_page(request, session, authenticate_team(request, session, token))
 
 
 @pages.post("/team", response_class=HTMLResponse)
 def team_login(
     request: Request, session: SessionDep, token: Annotated[str, Form()]
 ) -> RedirectResponse:
-    service.team_for_token(session, token)
+    authenticate_team(request, session, token)
     response = RedirectResponse("/team", status_code=303)
-    _keep_cookie(response, TEAM_COOKIE, token)
+    _keep_cookie(request, response, TEAM_COOKIE, token)
     return response
 
 
@@ -211,7 +215,7 @@ def team_login(
 def team_rotate(request: Request, session: SessionDep, me: TeamDep) -> HTMLResponse:
     token = service.rotate_token(session, me)
     response = _team_page(request, session, me, token)
-    _keep_cookie(response, TEAM_COOKIE, token)
+    _keep_cookie(request, response, TEAM_COOKIE, token)
     return response
 
 
@@ -220,14 +224,15 @@ def _to_team() -> RedirectResponse:
 
 
 @pages.post("/team/writeup")
-async def team_writeup(
+@takes_upload
+def team_writeup(
     session: SessionDep,
     settings: SettingsDep,
     me: TeamDep,
     submission_id: Annotated[int, Form()],
     file: Annotated[UploadFile, File()],
 ) -> RedirectResponse:
-    content = await read_upload(file)
+    content = read_upload(file)
     service.attach_writeup(
         session, settings.data_dir, me, submission_id, file.filename or "writeup", content
     )
@@ -268,9 +273,13 @@ def admin_page(request: Request, session: SessionDep) -> HTMLResponse:
 
 
 @admin.post("")
-def admin_login(token: Annotated[str, Form()]) -> RedirectResponse:
+def admin_login(request: Request, token: Annotated[str, Form()]) -> RedirectResponse:
+    """Sign in as the organizer: the token is checked here (a wrong one counts as a failed
+    attempt), and only the right one is kept in the cookie."""
+    if not organizer_token_is(request, token.strip()):
+        raise AuthError("that is not the organizer token the server was started with")
     response = _to_admin()
-    _keep_cookie(response, ORGANIZER_COOKIE, token)
+    _keep_cookie(request, response, ORGANIZER_COOKIE, token)
     return response
 
 
@@ -333,7 +342,8 @@ def new_phase(
 
 
 @admin_actions.post("/tasks")
-async def new_task(
+@takes_upload
+def new_task(
     session: SessionDep,
     settings: SettingsDep,
     competition: Annotated[str, Form()],
@@ -342,12 +352,13 @@ async def new_task(
     file: Annotated[UploadFile, File()],
 ) -> RedirectResponse:
     found = service.get_phase(service.get_competition(session, competition), phase)
-    service.add_task(session, settings.data_dir, found, name, await read_upload(file))
+    service.add_task(session, settings.data_dir, found, name, read_upload(file))
     return _to_admin()
 
 
 @admin_actions.post("/calibration")
-async def new_calibration(
+@takes_upload
+def new_calibration(
     session: SessionDep,
     settings: SettingsDep,
     competition: Annotated[str, Form()],
@@ -355,12 +366,13 @@ async def new_calibration(
     file: Annotated[UploadFile, File()],
 ) -> RedirectResponse:
     found = service.get_competition(session, competition)
-    service.add_calibration(session, settings.data_dir, found, name, await read_upload(file))
+    service.add_calibration(session, settings.data_dir, found, name, read_upload(file))
     return _to_admin()
 
 
 @admin_actions.post("/baselines")
-async def new_baseline(
+@takes_upload
+def new_baseline(
     session: SessionDep,
     settings: SettingsDep,
     competition: Annotated[str, Form()],
@@ -369,7 +381,7 @@ async def new_baseline(
     file: Annotated[UploadFile, File()],
 ) -> RedirectResponse:
     team = service.baseline_team(session)
-    await submit_upload(session, settings, team, file, competition, phase, name)
+    submit_upload(session, settings, team, file, competition, phase, name)
     return _to_admin()
 
 

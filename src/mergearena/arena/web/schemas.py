@@ -71,7 +71,8 @@ class Costs(BaseModel):
 
 
 class SubmissionOut(BaseModel):
-    """A submission as anyone may see it; scores only where its phase shows them."""
+    """A submission as anyone may see it (``service.is_public``); scores only where its phase
+    shows them, to its own team too: while they are hidden, nothing shown depends on them."""
 
     id: int
     name: str
@@ -85,13 +86,14 @@ class SubmissionOut(BaseModel):
     finished_at: UtcTime | None
     average: float | None
     scores: dict[str, Any] | None
-    is_final: bool
     rerun_of: int | None
 
 
 class PrivateSubmissionOut(SubmissionOut):
-    """A submission as its team and the organizer see it: its file, attempts and log too."""
+    """A submission as its team and the organizer see it: its final pick, file, attempts and
+    log too (a rival who saw the pick would know which entry the finals run)."""
 
+    is_final: bool
     file_name: str
     file_sha256: str
     attempts: int
@@ -114,13 +116,13 @@ def submission_out(submission: Submission, *, private: bool) -> SubmissionOut:
         finished_at=submission.finished_at,
         average=submission.average if visible else None,
         scores=submission.scores if visible else None,
-        is_final=submission.is_final,
         rerun_of=submission.rerun_of,
     )
     if not private:
         return SubmissionOut(**public)
     return PrivateSubmissionOut(
         **public,
+        is_final=submission.is_final,
         file_name=submission.file_name,
         file_sha256=submission.file_sha256,
         attempts=submission.attempts,
