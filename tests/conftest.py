@@ -213,6 +213,35 @@ def hf_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     yield cache
 
 
+# The arena's database tests run on SQLite, and on PostgreSQL where a server is given.
+POSTGRES_URL = os.environ.get("MERGEARENA_TEST_POSTGRES_URL")
+BOTH_DATABASES = [
+    "sqlite",
+    pytest.param(
+        "postgresql",
+        marks=pytest.mark.skipif(
+            not POSTGRES_URL,
+            reason="set MERGEARENA_TEST_POSTGRES_URL (scripts/start_postgres.sh) to run",
+        ),
+    ),
+]
+
+
+def empty_database(kind: str, tmp_path: Path) -> str:
+    """The URL of an empty arena database of ``kind`` (``sqlite`` in ``tmp_path``, or the
+    PostgreSQL server of ``MERGEARENA_TEST_POSTGRES_URL`` with its schema dropped)."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'arena.db'}"
+    from sqlalchemy import create_engine, text
+
+    assert POSTGRES_URL is not None
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as connection:  # every test starts from an empty database
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    return POSTGRES_URL
+
+
 @contextlib.contextmanager
 def serve_in_thread(app: Any) -> Iterator[str]:
     """Serve an ASGI app with uvicorn on a free local port; yields its URL."""

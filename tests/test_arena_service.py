@@ -5,15 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import os
 import tarfile
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import serve_in_thread
+from conftest import BOTH_DATABASES, empty_database, serve_in_thread
 from fastapi.testclient import TestClient
-from sqlalchemy import MetaData, Table, create_engine, select, text
+from sqlalchemy import MetaData, Table, select, text
 
 from mergearena.arena import queue, service, worker
 from mergearena.arena.db import (
@@ -46,29 +45,9 @@ models:
 """
 
 
-POSTGRES_URL = os.environ.get("MERGEARENA_TEST_POSTGRES_URL")
-
-
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.skipif(
-                not POSTGRES_URL,
-                reason="set MERGEARENA_TEST_POSTGRES_URL (scripts/start_postgres.sh) to run",
-            ),
-        ),
-    ]
-)
+@pytest.fixture(params=BOTH_DATABASES)
 def database_url(request, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'arena.db'}"
-    engine = create_engine(POSTGRES_URL)
-    with engine.begin() as connection:  # every test starts from an empty database
-        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    return POSTGRES_URL
+    return empty_database(request.param, tmp_path)
 
 
 @pytest.fixture()

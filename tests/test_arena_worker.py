@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import create_engine, text
+from conftest import BOTH_DATABASES, empty_database
 
 from mergearena.arena import queue, service
 from mergearena.arena.db import Submission, open_database
@@ -47,29 +47,10 @@ def models(make_checkpoint, make_lora) -> dict[str, Path]:
     return found
 
 
-POSTGRES_URL = os.environ.get("MERGEARENA_TEST_POSTGRES_URL")
-BOTH_DATABASES = [
-    "sqlite",
-    pytest.param(
-        "postgresql",
-        marks=pytest.mark.skipif(
-            not POSTGRES_URL,
-            reason="set MERGEARENA_TEST_POSTGRES_URL (scripts/start_postgres.sh) to run",
-        ),
-    ),
-]
-
-
 @pytest.fixture()
 def database_url(request, tmp_path: Path) -> str:
     """SQLite, unless a test asks for PostgreSQL too (``BOTH_DATABASES``, indirectly)."""
-    if getattr(request, "param", "sqlite") == "sqlite":
-        return f"sqlite:///{tmp_path / 'arena.db'}"
-    engine = create_engine(POSTGRES_URL)
-    with engine.begin() as connection:  # every test starts from an empty database
-        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    return POSTGRES_URL
+    return empty_database(getattr(request, "param", "sqlite"), tmp_path)
 
 
 @pytest.fixture()
@@ -750,7 +731,8 @@ def test_a_routed_model_is_scored_as_it_runs_with_its_base_and_adapters(
 ) -> None:
     """No merge: the experts stay beside the base, routed per token, and the arena's scores are
     the ones `mergearena eval` gives the same directory."""
-    from mergearena.evaluation import LanguageModel, evaluate, load_task
+    from mergearena.evaluation import evaluate, load_task
+    from mergearena.models import LanguageModel
 
     submit, run, _, _ = arena
     submit("routed.tar.gz", _archive(routed, "my-routed-model"))
