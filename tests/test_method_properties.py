@@ -19,7 +19,7 @@ from conftest import typical_value
 
 from mergearena.methods import LoraFactors, MethodSpec, all_methods
 from mergearena.methods.registry import REQUIRED
-from mergearena.methods.task_arithmetic import _CHUNK
+from mergearena.methods.task_vectors import _CHUNK
 
 TENSOR_METHODS = [spec for spec in all_methods() if spec.output == "tensor"]
 ADAPTER_METHODS = [spec for spec in all_methods() if spec.output == "adapter"]

@@ -8,7 +8,6 @@ way (argsort-based pruning, stacked masks) so the fast implementations can be co
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
@@ -32,23 +31,21 @@ from mergearena.methods import (
     multislerp,
     nearswap,
     passthrough,
+    selection,
     slerp,
     task_arithmetic,
+    task_vectors,
     ties,
 )
+from mergearena.methods.consensus import elected_sign
 from mergearena.methods.linear import per_model
 from mergearena.methods.registry import REQUIRED
-from mergearena.methods.task_arithmetic import (
+from mergearena.methods.selection import keep_largest_, keep_rank_range_, largest_mask
+from mergearena.methods.sparsify import (
     della_keep_probabilities,
-    elected_sign,
-    keep_largest_,
-    keep_rank_range_,
-    largest_mask,
     magnitude_outliers_prune_,
     magnitude_prune_,
 )
-
-task_arithmetic_module = sys.modules["mergearena.methods.task_arithmetic"]  # shadowed by the method
 
 t = torch.tensor
 
@@ -172,6 +169,48 @@ def test_task_arithmetic_family_defaults_match_mergekit(
         assert spec.parameter("epsilon").per_model and spec.parameter("epsilon").default == 0.15
     if random:
         assert spec.parameter("rescale_mode").choices == ("l1", "inverse_density")
+
+
+def test_a_new_row_of_the_task_arithmetic_table_is_a_method_with_its_contract(monkeypatch):
+    """The family is a table: a row it does not have (TIES' trim with rescale, then a plain sum)
+    registers as a method whose parameters, validation, docs and results all derive from the row,
+    as a ``def``'s derive from its signature."""
+    from mergearena.methods import registry
+    from mergearena.methods.task_arithmetic import MAGNITUDE, Variant, register_variant
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    row = Variant(
+        name="magnitude_linear",
+        sparsification=MAGNITUDE,
+        sign_consensus=False,
+        normalize=False,
+        rescale=True,
+        reference="https://arxiv.org/abs/2306.01708",
+        summary="TIES' trim, then a plain weighted sum.",
+        doc="Degenerate cases: those of ``ties`` without its sign election.",
+    )
+    method = register_variant(row)
+    spec = get_method("magnitude_linear")
+    assert spec.function is method and spec.base == "required" and not spec.random
+    assert [p.name for p in spec.parameters] == [
+        "weight", "density", "normalize", "rescale", "lambda", "int8_mask"
+    ]  # fmt: skip
+    assert spec.parameter("rescale").default is True and spec.parameter("density").per_model
+    assert spec.parameter("density").check(1.5) is not None
+    assert spec.summary == row.summary
+    assert spec.degenerate == "those of ``ties`` without its sign election."
+
+    def trimmed_and_rescaled(delta, index):
+        pruned = reference_magnitude(delta, densities[index])
+        return pruned * (delta.abs().sum() / pruned.abs().sum())
+
+    base, models = random_models(3, seed=21)
+    densities, weights = [0.3, 0.6, 0.9], [0.5, 1.0, 1.5]
+    expected = reference_gta(models, base, weights, trimmed_and_rescaled, None, normalize=False)
+    merged = method(models, base=base, weight=weights, density=densities)
+    assert torch.allclose(merged, expected, atol=1e-6)
+    with pytest.raises(TypeError, match="gamma"):  # breadcrumbs' parameter, not this row's
+        method(models, base=base, weight=weights, gamma=0.1)
 
 
 def test_other_specs():
@@ -347,12 +386,12 @@ def small_blocks(request, monkeypatch):
     """Scan in blocks of 4096 entries, so that small tensors exercise the multi-block paths; and
     find magnitude ranks among all entries, in brackets from a sample (as for large tensors), or
     in brackets so narrow that most miss and radix selection takes over."""
-    monkeypatch.setattr(task_arithmetic_module, "_CHUNK", 4096)
+    monkeypatch.setattr(task_vectors, "_CHUNK", 4096)
     if request.param != "collected whole":
-        monkeypatch.setattr(task_arithmetic_module, "_MIN_SAMPLE", 16)
-        monkeypatch.setattr(task_arithmetic_module, "_SAMPLE_EVERY", 4)
+        monkeypatch.setattr(selection, "_MIN_SAMPLE", 16)
+        monkeypatch.setattr(selection, "_SAMPLE_EVERY", 4)
     if request.param == "missed brackets":
-        monkeypatch.setattr(task_arithmetic_module, "_SIGMAS", 0.0)
+        monkeypatch.setattr(selection, "_SIGMAS", 0.0)
 
 
 @pytest.mark.usefixtures("small_blocks")
@@ -367,9 +406,7 @@ def test_magnitude_ranks_equal_a_sort(kind):
     magnitudes = values.abs()
     ordered = magnitudes.sort().values
     ranks = [0, 1, 137, 5_000, 10_000, 16_001, 19_998, 19_999]
-    found_ranks = task_arithmetic_module.magnitude_ranks(
-        task_arithmetic_module._Magnitudes(values), ranks
-    )
+    found_ranks = selection.magnitude_ranks(selection._Magnitudes(values), ranks)
     for rank, found in zip(ranks, found_ranks, strict=True):
         value = ordered[rank]
         assert (found.value, found.below, found.equal) == (
@@ -422,12 +459,12 @@ def test_deterministic_merges_do_not_depend_on_the_block_size(method, monkeypatc
     if method is not task_arithmetic:
         arguments["density"] = [0.3, 0.5, 0.8]
     whole = method(low, **arguments)
-    monkeypatch.setattr(task_arithmetic_module, "_CHUNK", 4096)
+    monkeypatch.setattr(task_vectors, "_CHUNK", 4096)
     assert torch.equal(method(low, **arguments).view(torch.int32), whole.view(torch.int32))
 
 
 def test_dare_keep_decisions_do_not_depend_on_the_block_size():
-    from mergearena.methods.task_arithmetic import KeepStream
+    from mergearena.methods.sparsify import KeepStream
 
     whole = KeepStream(0.3, seeded(5)).next_(torch.empty(10_000, dtype=torch.uint8))
     stream, parts = KeepStream(0.3, seeded(5)), torch.empty(10_000, dtype=torch.uint8)
@@ -440,7 +477,7 @@ def test_dare_keep_decisions_do_not_depend_on_the_block_size():
 def test_dare_keep_probability_is_resolved_below_the_16_bit_words():
     """A density between two multiples of 2⁻¹⁶ keeps at its own rate, not at either neighbour's
     (the ties of the 16-bit words are settled by a second stream)."""
-    from mergearena.methods.task_arithmetic import KeepStream
+    from mergearena.methods.sparsify import KeepStream
 
     density, count = 1.5 / 2**16, 1 << 24  # 384 expected; 256 or 512 if rounded to 2⁻¹⁶
     kept = KeepStream(density, seeded(7)).next_(torch.empty(count, dtype=torch.uint8))
@@ -780,7 +817,7 @@ def test_bfloat16_inputs_are_merged_in_float32():
 
 
 def test_dare_keep_rate_matches_density_including_extremes():
-    from mergearena.methods.task_arithmetic import bernoulli_mask
+    from mergearena.methods.sparsify import bernoulli_mask
 
     delta = torch.ones(400_000)
     generator = torch.Generator().manual_seed(0)

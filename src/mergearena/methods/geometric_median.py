@@ -9,7 +9,7 @@ from torch import Tensor
 
 from mergearena.methods.linear import per_model
 from mergearena.methods.registry import Range, merge_method
-from mergearena.methods.task_arithmetic import task_vector
+from mergearena.methods.task_vectors import task_vector
 
 _GRAM_CHUNK = 1 << 20  # entries per model per block when accumulating the Gram matrix
 

@@ -22,6 +22,10 @@ one is listed without it (every built-in method has one; a test checks).
 
 Adapter-space methods (``output="adapter"``) take ``factors: list[LoraFactors]`` instead and return
 ``LoraFactors``: they merge LoRA adapters into one adapter rather than into full weights.
+
+A family declared as data (the task-arithmetic variants table) registers generated functions
+whose ``__signature__`` (an ``inspect.Signature``) and ``__annotations__`` follow these same
+conventions: ``inspect.signature`` and ``typing.get_type_hints`` read them as they read a ``def``.
 """
 
 from __future__ import annotations
