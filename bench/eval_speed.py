@@ -408,8 +408,9 @@ def run_mergearena(
     sys.path.insert(0, str(REPO_ROOT / "src"))
     from transformers import AutoTokenizer
 
-    from mergearena.evaluation import LanguageModel, encode_choices, encode_prompts, score_choices
+    from mergearena.evaluation import encode_choices, encode_prompts, score_choices
     from mergearena.evaluation.scoring import auto_limits
+    from mergearena.models import LanguageModel
 
     t0 = time.perf_counter()
     if model is None:

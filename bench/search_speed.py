@@ -72,7 +72,8 @@ def recipes(count: int, seed: int) -> list[dict]:
 
 def on_disk(documents: list[dict], tasks: list, device: str, dtype: str) -> list[float]:
     from mergearena.engine import merge
-    from mergearena.evaluation import LanguageModel, evaluate
+    from mergearena.evaluation import evaluate
+    from mergearena.models import LanguageModel
 
     seconds = []
     for document in documents:

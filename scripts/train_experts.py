@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from mergearena.checkpoints.refs import resolve_model_ref
-from mergearena.evaluation import LanguageModel, evaluate, load_task
+from mergearena.evaluation import evaluate, load_task
+from mergearena.models import LanguageModel
 from mergearena.zoo import tasks as zoo_tasks
 from mergearena.zoo.catalog import CARD_DATA, EXPERTS_DIR
 from mergearena.zoo.train import TrainSettings, train_expert
@@ -87,9 +88,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.tasks_dir is None:
-        from mergearena.zoo.prepare import tasks_dir
-
-        args.tasks_dir = tasks_dir()
+        args.tasks_dir = zoo_tasks.tasks_dir()
     eval_batch = args.batch_size or (64 if args.device == "cuda" else 8)
     base_dir = resolve_model_ref(args.base)
     base_lm = LanguageModel.load(base_dir, device=args.device, dtype="float32")

@@ -1,4 +1,4 @@
-"""Score the competition winners' approaches on the zoo's test split: the README's winners table.
+"""Score the competition winners' approaches on the zoo's test split: docs/zoo.md's winners table.
 
 Each approach (``recipes/winners/``, the routed LoRA experts, the searched recipe) is merged (or
 built), timed, counted, and scored with the inference its winner used; task arithmetic (the
@@ -123,11 +123,12 @@ def main() -> None:
         print_table(args.table)
         return
 
+    from mergearena.checkpoints.routed import count_parameters
     from mergearena.checkpoints.writer import write_atomic
-    from mergearena.evaluation import LanguageModel, evaluate_task, load_task
-    from mergearena.routed.manifest import count_parameters
-    from mergearena.zoo.prepare import prepare, task_files, tasks_dir
-    from mergearena.zoo.tasks import TASK_NAMES
+    from mergearena.evaluation import evaluate_task, load_task
+    from mergearena.models import LanguageModel
+    from mergearena.zoo.prepare import prepare, task_files
+    from mergearena.zoo.tasks import TASK_NAMES, tasks_dir
 
     prepare(experts=True)
     tasks = []

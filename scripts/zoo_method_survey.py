@@ -104,7 +104,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from mergearena.checkpoints import resolve_model_ref
-    from mergearena.evaluation import LanguageModel, evaluate, load_task
+    from mergearena.evaluation import evaluate, load_task
+    from mergearena.models import LanguageModel
     from mergearena.zoo.prepare import task_files
 
     base = dict(iter_output_tensors(resolve_model_ref(BASE_REF)))

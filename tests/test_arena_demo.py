@@ -9,8 +9,7 @@ import pytest
 from mergearena.arena import service
 from mergearena.arena.db import open_database
 from mergearena.arena.demo import DEMO_SLUG, seed_demo
-from mergearena.zoo.prepare import tasks_dir
-from mergearena.zoo.tasks import TASK_NAMES
+from mergearena.zoo.tasks import TASK_NAMES, tasks_dir
 
 pytestmark = [pytest.mark.zoo, pytest.mark.slow]
 

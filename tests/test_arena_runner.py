@@ -470,7 +470,7 @@ def test_starter_kit_method_choice(tmp_path):
 
 def test_starter_kit_modules_load_behind_ours_and_are_forgotten(tmp_path):
     import llm_merging.merging
-    from llm_merging import submission
+    from llm_merging import resolution, submission
     from llm_merging.merging.Merges import Merges
 
     package = submission.find_package(
@@ -480,14 +480,14 @@ def test_starter_kit_modules_load_behind_ours_and_are_forgotten(tmp_path):
     policy = ModelPolicy(["b"])
     with submission.installed(package, policy):
         name, method_class = submission.load_method(package)
-        assert submission.policy is policy and issubclass(method_class, Merges)
+        assert resolution.policy is policy and issubclass(method_class, Merges)
         assert method_class.__module__ == "llm_merging.merging.MyAvg"
     assert "llm_merging.merging.MyAvg" not in sys.modules
-    assert list(llm_merging.merging.__path__) == path and submission.policy is not policy
+    assert list(llm_merging.merging.__path__) == path and resolution.policy is not policy
 
 
 def test_compat_layer_refuses_an_unlisted_model(models, monkeypatch):
-    from llm_merging import submission
+    from llm_merging import resolution
     from llm_merging.merging.Merges import Merges
 
     class Avg(Merges):
@@ -498,7 +498,7 @@ def test_compat_layer_refuses_an_unlisted_model(models, monkeypatch):
             self.architecture = "decoder"
 
     monkeypatch.setattr(
-        submission, "policy", ModelPolicy([str(models["base"]), str(models["lora1"])])
+        resolution, "policy", ModelPolicy([str(models["base"]), str(models["lora1"])])
     )
     method = Avg("avg")
     with pytest.raises(SubmissionError, match="'org/unlisted@abc' is not allowed.*allowed models"):
@@ -508,10 +508,10 @@ def test_compat_layer_refuses_an_unlisted_model(models, monkeypatch):
 
 
 def test_compat_prediction_hooks(models, monkeypatch):
-    from llm_merging import submission
+    from llm_merging import resolution
     from llm_merging.merging.Merges import Merges
 
-    monkeypatch.setattr(submission, "policy", ModelPolicy())
+    monkeypatch.setattr(resolution, "policy", ModelPolicy())
     method = Merges("plain")
     method.base_model_name = str(models["base"])
     method.architecture, method.max_gen_len = "decoder", 2
@@ -528,12 +528,12 @@ def test_compat_prediction_hooks(models, monkeypatch):
 
 
 def test_compat_multiple_choice_fails_only_where_the_kit_fails_on_the_batch(models, monkeypatch):
-    from llm_merging import submission
+    from llm_merging import resolution
     from llm_merging.merging.Merges import Merges
     from mergearena.errors import EvaluationError
     from mergearena.evaluation import StarterKitWarning
 
-    monkeypatch.setattr(submission, "policy", ModelPolicy())
+    monkeypatch.setattr(resolution, "policy", ModelPolicy())
     method = Merges("plain")
     method.base_model_name, method.architecture = str(models["base"]), "decoder"
     method._load_base_model()

@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from mergearena.checkpoints.lora import LoraAdapter
 from mergearena.cli import _spread_list_options, app
 from mergearena.errors import CheckpointError, TaskError
-from mergearena.evaluation import LanguageModel, evaluate, load_task, write_outputs
+from mergearena.evaluation import evaluate, load_task, write_outputs
 from mergearena.evaluation.metrics import exact_match, numeric_match, parse_number, rouge
+from mergearena.models import LanguageModel
 
 COLUMNS = ("id", "input", "target", "answer_choices", "eval_type")
 MC_ROWS = [

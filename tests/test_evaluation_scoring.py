@@ -15,13 +15,13 @@ from conftest import TOKENIZER_VOCAB, _tiny_config
 
 from mergearena.errors import EvaluationError
 from mergearena.evaluation import (
-    LanguageModel,
     StarterKitWarning,
     encode_choices,
     encode_prompts,
     generate,
     score_choices,
 )
+from mergearena.models import LanguageModel
 
 PROMPTS = [
     "the water is on the long way",
@@ -430,7 +430,7 @@ def test_starter_kit_rule_equals_the_kit_on_smollm2():
     from mergearena.checkpoints.refs import zoo_model_dir
     from mergearena.evaluation import load_task
     from mergearena.zoo.base import BASE_NAME, check_manifest
-    from mergearena.zoo.prepare import tasks_dir
+    from mergearena.zoo.tasks import tasks_dir
 
     problem = check_manifest(zoo_model_dir(BASE_NAME))
     task_file = tasks_dir() / "validation" / "mmlu.csv"

@@ -17,7 +17,6 @@ from mergearena.errors import EvaluationError, TaskError
 from mergearena.evaluation import (
     CotSettings,
     Example,
-    LanguageModel,
     evaluate,
     load_task,
     write_outputs,
@@ -29,6 +28,7 @@ from mergearena.evaluation.strategies import (
     letter_texts,
     lettered_prompt,
 )
+from mergearena.models import LanguageModel
 
 COLUMNS = ("id", "input", "target", "answer_choices", "eval_type")
 MC_ROWS = [

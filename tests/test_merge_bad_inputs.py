@@ -634,3 +634,35 @@ def test_run_refuses_an_output_that_is_an_input_too(inputs):
     result = CliRunner().invoke(app, argv)
     assert_refused(result, [f"is the input model {inputs.a}", OUTSIDE])
     assert tree(inputs.root) == before
+
+
+@pytest.fixture
+def adapter_method():
+    """A merge method registered for one test that, like ``lora_concat``, writes an adapter."""
+    from mergearena.methods import merge_method, registry
+
+    @merge_method("test_adapter_sum", reference="a test", output="adapter")
+    def adapter_sum(factors: list, *, weight: list[float] = 1.0):
+        """Returns the first adapter's factors."""
+        return factors[0]
+
+    yield "test_adapter_sum"
+    registry._REGISTRY.pop("test_adapter_sum", None)
+
+
+@pytest.mark.parametrize("method", ["lora_svd", "test_adapter_sum"])
+def test_run_refuses_any_method_that_writes_an_adapter(inputs, adapter_method, method):
+    """``run`` evaluates the merge it writes, so a method whose spec writes an adapter (any such
+    method, not only the built-in two) is refused before anything is merged or written."""
+    recipe = {"merge_method": method, "models": [{"model": str(inputs.adapter)}]}
+    if method == "lora_svd":
+        recipe["parameters"] = {"rank": 2}
+    path = write_recipe(inputs.root, recipe)
+    tasks = inputs.root / "mc.csv"
+    tasks.write_text(
+        "id,input,target,answer_choices,eval_type\nq1,he was,1,\"['yes', 'no']\",multiple_choice\n"
+    )
+    out = inputs.root / "run"
+    result = CliRunner().invoke(app, ["run", str(path), "--tasks", str(tasks), "--out", str(out)])
+    assert_refused(result, [f"{method} writes an adapter", "--adapter OUT"])
+    assert not out.exists()

@@ -8,6 +8,7 @@ way (argsort-based pruning, stacked masks) so the fast implementations can be co
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ from mergearena.methods import (
 )
 from mergearena.methods.consensus import elected_sign
 from mergearena.methods.linear import per_model
-from mergearena.methods.registry import REQUIRED
+from mergearena.methods.registry import REQUIRED, Range, merge_method
 from mergearena.methods.selection import keep_largest_, keep_rank_range_, largest_mask
 from mergearena.methods.sparsify import (
     della_keep_probabilities,
@@ -226,6 +227,32 @@ def test_other_specs():
     for name in ("lora_concat", "lora_svd"):
         assert get_method(name).output == "adapter"
     assert get_method("lora_svd").parameter("rank").default is REQUIRED
+
+
+def test_a_per_model_parameter_with_a_scalar_default_is_annotated_list_or_item(monkeypatch):
+    """``list[X] | X`` (what a per-model default of one number for every model really is, so a
+    type checker accepts ``= 1.0``) registers as ``list[X]`` does; a union of other members is
+    not a per-model parameter and is refused."""
+    from mergearena.methods import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @merge_method("scaled_sum_for_test", reference="-")
+    def scaled_sum(
+        tensors: list[torch.Tensor], *, weight: Annotated[list[float] | float, Range(ge=0)] = 1.0
+    ) -> torch.Tensor:
+        """Degenerate cases: none."""
+        return sum(tensors)
+
+    weight = get_method("scaled_sum_for_test").parameter("weight")
+    assert (weight.per_model, weight.kind, weight.default) == (True, float, 1.0)
+    assert weight.check(-1.0) is not None
+    with pytest.raises(TypeError, match="unsupported parameter annotation"):
+
+        @merge_method("mixed_for_test", reference="-")
+        def mixed(tensors: list[torch.Tensor], *, weight: list[float] | int = 1) -> torch.Tensor:
+            """Degenerate cases: none."""
+            return tensors[0]
 
 
 def test_per_model_broadcasts_a_scalar_and_checks_length():

@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 
 from mergearena.arena.policy import count_parameters as arena_count_parameters
 from mergearena.checkpoints.lora import LoraAdapter
+from mergearena.checkpoints.routed import count_parameters, read_manifest
 from mergearena.cli import app
 from mergearena.errors import CheckpointError, TaskError
-from mergearena.evaluation import LanguageModel, Task, evaluate, load_task, scoring
+from mergearena.evaluation import Task, evaluate, load_task, scoring
+from mergearena.models import LanguageModel
 from mergearena.routed.build import build_routed
-from mergearena.routed.manifest import count_parameters, read_manifest
 
 COLUMNS = ("id", "input", "target", "answer_choices", "eval_type")
 # Two "tasks" of disjoint words: the prompt router must tell their prompts apart.

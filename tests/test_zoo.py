@@ -263,6 +263,15 @@ def test_gguf_rejects_an_empty_file(tmp_path):
         GGUFFile(path)
 
 
+def test_gguf_read_after_close_says_the_file_is_closed(tmp_path):
+    raw = np.ones(4, dtype=np.float32).tobytes()
+    path = write_gguf(tmp_path / "x.gguf", {}, {"w": (F32, (4,), raw)})
+    with GGUFFile(path) as gguf:
+        pass
+    with pytest.raises(CheckpointError, match="x.gguf: closed; open the GGUF file again to read w"):
+        gguf.read("w")
+
+
 def test_gguf_names_an_unsupported_tensor_type(tmp_path):
     q4_k = 12
     path = write_gguf(tmp_path / "x.gguf", {}, {"w": (q4_k, (256,), b"\0" * 144)})
@@ -586,7 +595,7 @@ def test_prepare_base_converts_once_and_rebuilds_a_damaged_cache(zoo_cache, fake
 
 
 def test_prepare_base_result_loads_through_a_zoo_ref(zoo_cache, fake_smollm2):
-    from mergearena.evaluation.model import LanguageModel
+    from mergearena.models import LanguageModel
 
     zoo_base.prepare_base()
     lm = LanguageModel.load("zoo:smollm2-135m")
@@ -812,17 +821,15 @@ def test_zoo_full_expert_is_base_plus_the_lora_delta(toy_zoo, monkeypatch, capsy
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import mergearena.engine
-
     base, adapter = toy_zoo
     merges = []
-    real_merge = mergearena.engine.merge
+    real_merge = catalog.merge
 
     def counting_merge(*args: Any, **kwargs: Any) -> Any:
         merges.append(args)
         return real_merge(*args, **kwargs)
 
-    monkeypatch.setattr(mergearena.engine, "merge", counting_merge)
+    monkeypatch.setattr(catalog, "merge", counting_merge)
     (full,) = catalog.build_experts()
     assert full == base.parent / "toy" == resolve_model_ref("zoo:toy")
     assert len(merges) == 1 and "building zoo:toy" in capsys.readouterr().err
@@ -929,7 +936,7 @@ def _answer_loss(model, pairs) -> float:
 
 
 def test_training_pairs_end_with_the_answer_tokens(make_checkpoint, toy_task):
-    from mergearena.evaluation.model import LanguageModel
+    from mergearena.models import LanguageModel
     from mergearena.zoo.train import training_pairs
 
     lm = LanguageModel.load(make_checkpoint("llama"))
@@ -966,7 +973,7 @@ def test_train_expert_writes_a_bf16_adapter_that_lowers_the_loss(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mergearena.evaluation.model import LanguageModel
+    from mergearena.models import LanguageModel
     from mergearena.zoo.train import (
         ADAPTER_WEIGHTS,
         LINEAR_MODULES,

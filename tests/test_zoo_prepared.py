@@ -17,11 +17,13 @@ from typer.testing import CliRunner
 
 from mergearena.checkpoints.refs import resolve_model_ref
 from mergearena.cli import app
-from mergearena.evaluation import LanguageModel, evaluate, load_task
+from mergearena.evaluation import evaluate, load_task
+from mergearena.models import LanguageModel
 from mergearena.zoo import tasks as zoo_tasks
 from mergearena.zoo.base import BASE_NAME, check_manifest
 from mergearena.zoo.catalog import EXPERTS_DIR, build_expert, card, expert_names
-from mergearena.zoo.prepare import task_files, tasks_dir
+from mergearena.zoo.prepare import task_files
+from mergearena.zoo.tasks import tasks_dir
 
 pytestmark = pytest.mark.zoo
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,8 @@ search path, so ``llm_merging.merging.Merges`` is ours (even when the submission
 copy) while ``llm_merging.merging.<Method>`` and any helper module are loaded from its files.
 ``main.py`` is read, not run: it imports the starter kit's evaluation code (pandas, evaluate...).
 
-The runner sets ``policy`` (the job's allowlist and size limit) while a submission runs.
+The runner sets ``resolution.policy`` (the job's allowlist and size limit) while a submission
+runs (``installed``).
 """
 
 from __future__ import annotations
@@ -22,29 +23,14 @@ from pathlib import Path
 
 import llm_merging
 import llm_merging.merging
-from mergearena.arena.policy import ModelPolicy
+from llm_merging import resolution
+from llm_merging.merging.Merges import Merges
+from llm_merging.resolution import ModelResolver
 from mergearena.errors import SubmissionError
-
-# The job's model policy, set by the runner for the duration of a job; outside a job (a
-# participant trying a method locally) any local model is allowed.
-policy = ModelPolicy()
 
 # The methods the starter kit ships as examples: a submission that only added its own method to
 # all_merge_handlers() runs that one without naming it.
 STARTER_KIT_EXAMPLES = frozenset({"llama_avg", "tiny_llama_avg", "flant5_avg", "flan_t5_avg"})
-
-
-def resolve(name: str | None, revision: str | None = None) -> Path:
-    """The local directory of model ``name`` if the job allows it (see ``ModelPolicy``).
-
-    A hub id with a revision resolves that revision from the local cache (``name@revision``).
-    """
-    if not name:
-        raise SubmissionError("a model name is empty: set base_model_name and list_models")
-    reference = str(name)
-    if revision and not reference.startswith("zoo:") and not Path(reference).expanduser().exists():
-        reference = f"{reference}@{revision}"
-    return policy.resolve(reference)
 
 
 @dataclass(frozen=True)
@@ -78,7 +64,7 @@ def _handlers_and_default(main: Path) -> tuple[list[MethodEntry], str | None]:
     The default is ``add_argument("--merging_method", default=...)`` or ``DEFAULT_METHOD_NAME``.
     """
     entries: list[MethodEntry] = []
-    default: str | None = None
+    default: object = None  # any literal main.py wrote; only a string can name a method
     for node in ast.walk(_parse(main)):
         if isinstance(node, ast.FunctionDef) and node.name == "all_merge_handlers":
             for item in ast.walk(node):
@@ -97,7 +83,7 @@ def _handlers_and_default(main: Path) -> tuple[list[MethodEntry], str | None]:
         elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
             if any(getattr(t, "id", None) == "DEFAULT_METHOD_NAME" for t in node.targets):
                 default = default or node.value.value
-    return entries, default
+    return entries, default if isinstance(default, str) else None
 
 
 def _classes_in(merging: Path) -> dict[str, str]:
@@ -166,21 +152,20 @@ def choose_method(package: Path, requested: str | None) -> tuple[str, str, str]:
 
 
 @contextlib.contextmanager
-def installed(package: Path, job_policy: ModelPolicy) -> Iterator[None]:
+def installed(package: Path, job_policy: ModelResolver) -> Iterator[None]:
     """Within the block, the submission's modules import as ``llm_merging.*`` behind ours and
     the compatibility layer applies ``job_policy``; afterwards its modules are forgotten."""
-    global policy
-    saved = (list(llm_merging.__path__), list(llm_merging.merging.__path__), policy)
+    saved = (list(llm_merging.__path__), list(llm_merging.merging.__path__), resolution.policy)
     llm_merging.__path__.append(str(package))
     llm_merging.merging.__path__.append(str(package / "merging"))
-    policy = job_policy
+    resolution.policy = job_policy
     importlib.invalidate_caches()
     try:
         yield
     finally:
         llm_merging.__path__[:] = saved[0]
         llm_merging.merging.__path__[:] = saved[1]
-        policy = saved[2]
+        resolution.policy = saved[2]
         root = package.resolve()
         for name, module in list(sys.modules.items()):
             file = getattr(module, "__file__", None)
@@ -195,8 +180,6 @@ def installed(package: Path, job_policy: ModelPolicy) -> Iterator[None]:
 
 def load_method(package: Path, requested: str | None = None) -> tuple[str, type]:
     """(method name, class) of the submission's merge method; call inside ``installed``."""
-    from llm_merging.merging.Merges import Merges
-
     name, class_name, module_name = choose_method(package, requested)
     module = importlib.import_module(f"llm_merging.merging.{module_name}")
     method_class = getattr(module, class_name)

@@ -258,8 +258,9 @@ def _evaluate_and_write(
 ) -> dict:
     import warnings
 
-    from mergearena.evaluation import LanguageModel, evaluate, load_task, write_outputs
+    from mergearena.evaluation import evaluate, load_task, write_outputs
     from mergearena.evaluation.scoring import StarterKitWarning
+    from mergearena.models import LanguageModel
 
     size, rule = _evaluation_options(batch_size, mc_rule, limit)
     loaded = [load_task(path, limit=limit) for path in tasks]  # every file checked before loading
@@ -463,7 +464,7 @@ def run(
         parsed = parse_recipe(recipe)
         for path in tasks:  # fail on a bad task file before the merge, not after it
             load_task(path, limit=limit)
-        if parsed.method.name in ("lora_concat", "lora_svd"):
+        if parsed.method.output == "adapter":  # the method's spec says what it writes
             raise MergeArenaError(
                 f"{recipe}: {parsed.method.name} writes an adapter; run `mergearena merge` and "
                 "then `mergearena eval --model BASE --adapter OUT`"
@@ -568,8 +569,8 @@ def route(
     allow_download: DownloadOption = False,
 ) -> None:
     """Build a routed model: the base with its experts beside it as LoRA adapters, and a router."""
+    from mergearena.checkpoints.routed import count_parameters
     from mergearena.routed.build import build_routed
-    from mergearena.routed.manifest import count_parameters
 
     try:
         manifest = build_routed(

@@ -17,12 +17,12 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, NoReturn
 
 import torch
 
@@ -319,8 +319,11 @@ def plan_merge(
     method = recipe.method
     opener = _Opener(resolve or (lambda ref: resolve_model_ref(ref, allow_download=allow_download)))
     try:
-        takes_base = method.base != "none" and recipe.base_model is not None
-        base = opener.source(recipe.base_model, None) if takes_base else None
+        base = (
+            opener.source(recipe.base_model, None)
+            if method.base != "none" and recipe.base_model is not None
+            else None
+        )
         if base is not None and base.adapter is not None:
             raise RecipeError(
                 f"base_model {recipe.base_model} must be a full model, not an adapter"
@@ -386,6 +389,36 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(_finite_flag(tensor))
 
 
+def _blame_non_finite(
+    inputs: Iterable[tuple[Path | str, bool]],
+    *,
+    method: str,
+    part: str,
+    kind: str,
+    result: str,
+    remedy: str,
+) -> NoReturn:
+    """Stop a merge whose result holds NaN or Inf, saying whose fault it is.
+
+    ``inputs`` yields each input's file and whether its ``part`` (a tensor, an adapter's factors)
+    is finite, in order; it is only consumed up to the first that is not, so a generator reads
+    the inputs again only as far as needed. An input with NaN or Inf is a corrupt or diverged
+    ``kind`` (``CheckpointError``); when every input is finite the method produced them
+    (``MergeError``), and ``remedy`` says what to change.
+    """
+    for where, finite in inputs:
+        if not finite:
+            raise CheckpointError(
+                f"{part} in {where} contains NaN or Inf values; the {kind} is corrupt or "
+                f"diverged, so it cannot be merged"
+            )
+    raise MergeError(
+        f"{method} produced NaN or Inf in {result}, from finite inputs; nothing was written. "
+        f"Change {remedy} or use another method; if they are sound, this is a bug in {method}: "
+        f"please report it with the recipe"
+    )
+
+
 def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
     """A generator seeded by the recipe seed and the tensor name: results do not depend on order."""
     generator = torch.Generator(device=device)
@@ -447,26 +480,25 @@ class _Executor:
         """
         if finite is None or bool(finite):
             return
+        bad = int((~torch.isfinite(output)).sum())
+        _blame_non_finite(
+            self.finite_inputs(task.name),
+            method=self.plan.method.name,
+            part=f"tensor {task.name}",
+            kind="checkpoint",
+            result=f"{bad} of {output.numel()} values of tensor {task.name}",
+            remedy=f"the method's parameters for this tensor (weights summing to zero, a lambda "
+            f"or scale that overflows {task.out_dtype})",
+        )
+
+    def finite_inputs(self, name: str) -> Iterator[tuple[Path, bool]]:
+        """Each merged input's file and whether its tensor ``name`` is finite, read again: a
+        checkpoint's own tensor first, then with its adapter's change (blamed on the adapter)."""
         sources = ([self.plan.base] if self.plan.base is not None else []) + self.plan.inputs
         for source in sources:
-            where = None
-            if not _all_finite(source.checkpoint.get(task.name)):
-                where = source.checkpoint.tensors[task.name].file
-            elif source.adapter is not None and not _all_finite(source.read(task.name, {})):
-                where = source.adapter.path
-            if where is not None:
-                raise CheckpointError(
-                    f"tensor {task.name} in {where} contains NaN or Inf values; the checkpoint "
-                    f"is corrupt or diverged, so it cannot be merged"
-                )
-        bad = int((~torch.isfinite(output)).sum())
-        raise MergeError(
-            f"{self.plan.method.name} produced NaN or Inf in {bad} of {output.numel()} values of "
-            f"tensor {task.name}, from finite inputs; nothing was written. Change the method's "
-            f"parameters for this tensor (weights summing to zero, a lambda or scale that "
-            f"overflows {task.out_dtype}) or use another method; if the parameters are sound, "
-            f"this is a bug in {self.plan.method.name}: please report it with the recipe"
-        )
+            yield source.checkpoint.tensors[name].file, _all_finite(source.checkpoint.get(name))
+            if source.adapter is not None:
+                yield source.adapter.path, _all_finite(source.read(name, {}))
 
     def compute(
         self, task: TensorTask, base: torch.Tensor | None, inputs: list[torch.Tensor]
@@ -550,7 +582,7 @@ class _CudaReader:
             raw, dtype, shape = None, info.dtype, tuple(info.shape)
 
             def fill(buffer: torch.Tensor, start: int) -> None:
-                checkpoint.read_into(name, memoryview(buffer.numpy()), start)
+                checkpoint.read_into(name, buffer.numpy().data, start)
 
         nbytes = math.prod(shape) * dtype.itemsize
         data, uploaded = self._stager().upload(nbytes, fill)
@@ -597,7 +629,11 @@ def _stream(
         ahead = _CUDA_READ_AHEAD
     else:
         cpu_reader = ThreadPoolExecutor(1, "mergearena-read")
-        read = partial(cpu_reader.submit, executor.read)
+
+        def read_on_cpu(task: TensorTask) -> Future:
+            return cpu_reader.submit(executor.read, task)
+
+        read = read_on_cpu
         ahead = 1
     writers = _CUDA_WRITERS if on_cuda else 1
     local = threading.local()  # each writer thread's Stager, made there on first use
@@ -718,21 +754,16 @@ def _merge_adapters(plan: MergePlan, directory: Path) -> tuple[int, int]:
         factors = [adapters[i].factors(name) for i in present]
         result = plan.method.function(factors, **arguments)
         if not (_all_finite(result.up) and _all_finite(result.down)):
-            corrupt = [
-                adapters[i].path
-                for i, factor in zip(present, factors, strict=True)
-                if not (_all_finite(factor.up) and _all_finite(factor.down))
-            ]
-            if corrupt:
-                raise CheckpointError(
-                    f"the LoRA factors of {name} in {corrupt[0]} contain NaN or Inf values; the "
-                    f"adapter is corrupt or diverged, so it cannot be merged"
-                )
-            raise MergeError(
-                f"{plan.method.name} produced NaN or Inf in the merged LoRA factors of {name}, "
-                f"from finite adapters; nothing was written. Change the method's parameters "
-                f"(weights, rank) or use another method; if they are sound, this is a bug in "
-                f"{plan.method.name}: please report it with the recipe"
+            _blame_non_finite(
+                (
+                    (adapters[i].path, _all_finite(factor.up) and _all_finite(factor.down))
+                    for i, factor in zip(present, factors, strict=True)
+                ),
+                method=plan.method.name,
+                part=f"the LoRA pair of {name}",
+                kind="adapter",
+                result=f"the merged LoRA factors of {name}",
+                remedy="the method's parameters (weights, rank)",
             )
         merged[name] = (result, adapters[present[0]].is_embedding(name))
         total += result.down.numel() + result.up.numel()
@@ -1027,9 +1058,14 @@ class _progress:
 
         return advance
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         if self.enabled:
-            self.bar.__exit__(*exc)
+            self.bar.__exit__(exc_type, exc, traceback)
 
 
 def iter_output_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

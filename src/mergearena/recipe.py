@@ -280,14 +280,14 @@ def _describe_pydantic_error(error: ValidationError, source: str) -> str:
         location = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             key = str(item["loc"][-1])
-            known = {
-                (): list(Recipe.model_fields),
+            parent = item["loc"][0] if len(item["loc"]) > 1 else None  # None: the recipe's own key
+            known: dict[int | str | None, list[str]] = {
+                None: list(Recipe.model_fields),
                 "models": list(ModelEntry.model_fields),
                 "slices": list(Slice.model_fields),
             }
-            parent = item["loc"][0] if len(item["loc"]) > 1 else ()
             candidates = known.get(parent, list(SliceSource.model_fields))
-            if parent == () and key in UNSUPPORTED_MERGEKIT_KEYS:
+            if parent is None and key in UNSUPPORTED_MERGEKIT_KEYS:
                 lines.append(
                     f"mergekit's {key!r} option is not supported by mergearena yet; remove it "
                     f"({UNSUPPORTED_MERGEKIT_KEYS[key]})"
@@ -484,7 +484,7 @@ def _flatten_full_range_slices(recipe: Recipe, label: str) -> None:
     if recipe.models:
         raise RecipeError(f"{label}: give either 'models' or 'slices', not both")
     slices = recipe.slices or []
-    ranges = {tuple(source.layer_range) for s in slices for source in s.sources}
+    ranges = {source.layer_range for s in slices for source in s.sources}
     if len(slices) != 1 or len(ranges) != 1:
         raise RecipeError(
             f"{label}: only a single slice whose sources share one layer_range is supported "

@@ -4,7 +4,7 @@ Same attributes and methods as the starter kit, so its method files run unmodifi
 and why:
 
 - models are named by mergearena model references and resolved locally through the job's model
-  policy (``llm_merging.submission.resolve``): an unlisted or oversized model is refused, and
+  policy (``llm_merging.resolution.resolve``): an unlisted or oversized model is refused, and
   nothing is downloaded (no ``HF_AUTH_TOKEN`` needed);
 - a LoRA adapter is loaded as an adapter (``load_peft_weights`` + ``PeftConfig``) whenever
   ``is_peft`` is set *or* the reference is an adapter directory: the starter kit's ``LlamaAvg``
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from llm_merging import submission
+from llm_merging import resolution
 from mergearena.evaluation.tasks import DEFAULT_MAX_NEW_TOKENS
 
 # The starter kit loads models in the default dtype of its transformers release: float32.
@@ -84,13 +84,13 @@ class Merges:
         return model.to(self.device) if self.device is not None else model
 
     def _load_base_model(self) -> None:
-        path = submission.resolve(self.base_model_name, self.base_model_revision_id)
+        path = resolution.resolve(self.base_model_name, self.base_model_revision_id)
         self.base_model = self._load_full_model(path)
 
     def _load_tokenizer(self) -> None:
         from transformers import AutoTokenizer
 
-        path = submission.resolve(self.base_model_name, self.base_model_revision_id)
+        path = resolution.resolve(self.base_model_name, self.base_model_revision_id)
         options: dict[str, Any] = {"legacy": False}
         if self.max_seq_len is not None:
             options["model_max_length"] = self.max_seq_len
@@ -130,7 +130,7 @@ class Merges:
         self.loaded_configs = {} if self.loaded_configs is None else self.loaded_configs
         parameter_names = None
         for model_name, revision_id in self.list_models:
-            path = submission.resolve(model_name, revision_id)
+            path = resolution.resolve(model_name, revision_id)
             if self.is_peft or is_adapter_dir(path):
                 device = str(self.device) if self.device is not None else None
                 parameters = load_peft_weights(str(path), device=device)
@@ -159,7 +159,7 @@ class Merges:
     # -------------------------------------------------------------------------------- prediction
 
     def _scorer(self) -> Any:
-        from mergearena.evaluation import LanguageModel
+        from mergearena.models import LanguageModel
 
         assert self.base_model is not None
         if self.architecture == "encoder_decoder":

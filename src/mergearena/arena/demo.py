@@ -84,14 +84,14 @@ def seed_demo(
         for name, kind, split, start in layout:
             phase = service.add_phase(session, competition, name, kind)
             for path in task_files(split):
-                settings = load_settings(path.with_suffix(".yaml"))
+                task_settings = load_settings(path.with_suffix(".yaml"))
                 service.add_task(
                     session,
                     data_dir,
                     phase,
                     path.stem,
                     _subset(path, start, examples),
-                    settings.model_dump(mode="json", exclude_defaults=True),
+                    task_settings.model_dump(mode="json", exclude_defaults=True),
                 )
         team = service.baseline_team(session)
         entries = [("base model", "base.yaml", BASE_RECIPE.encode())]

@@ -154,12 +154,13 @@ def check_choices(
             raise SubmissionError(
                 f"{row}: predicted {_describe(value)}, not a choice index (an integer)"
             )
-        if not 0 <= value < len(example.choices):
+        index = int(value)  # a numpy or torch integer too
+        if not 0 <= index < len(example.choices):
             raise SubmissionError(
-                f"{row}: predicted choice {int(value)}, out of range for its "
+                f"{row}: predicted choice {index}, out of range for its "
                 f"{len(example.choices)} choices (0 to {len(example.choices) - 1})"
             )
-        texts.append(str(int(value)))
+        texts.append(str(index))
     return texts
 
 

@@ -31,8 +31,8 @@ from mergearena.errors import CheckpointError, SubmissionError
 
 def count_parameters(path: Path) -> int:
     """Parameters stored in a model or adapter directory, from its weight files' headers only."""
-    from mergearena.routed.manifest import count_parameters as routed_parameters
-    from mergearena.routed.manifest import is_routed_dir
+    from mergearena.checkpoints.routed import count_parameters as routed_parameters
+    from mergearena.checkpoints.routed import is_routed_dir
 
     if is_routed_dir(path):  # the base and every expert adapter beside it
         return routed_parameters(path)

@@ -10,9 +10,9 @@ renewing, the lease expires, and the job is claimed again, once (``MAX_ATTEMPTS`
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import CursorResult, Update, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from mergearena.arena.db import Submission, utcnow
@@ -39,10 +39,20 @@ def _held_by(submission_id: int, worker: str) -> tuple:
     )
 
 
+def _commit_update(session: Session, statement: Update) -> int:
+    """Run an UPDATE, commit it, and return how many rows it changed."""
+    # Session.execute is typed to return a plain Result for every statement, but an UPDATE
+    # without RETURNING gives a CursorResult, the type that carries rowcount.
+    result = cast(CursorResult[Any], session.execute(statement))
+    session.commit()
+    return result.rowcount
+
+
 def fail_abandoned(session: Session) -> int:
     """Mark jobs failed whose worker was lost on every allowed attempt; returns how many."""
     now = utcnow()
-    result = session.execute(
+    return _commit_update(
+        session,
         update(Submission)
         .where(
             Submission.status == "running",
@@ -55,10 +65,8 @@ def fail_abandoned(session: Session) -> int:
             lease_owner=None,
             error=f"the worker running this job was lost {MAX_ATTEMPTS} times; "
             "the organizer can rerun it",
-        )
+        ),
     )
-    session.commit()
-    return result.rowcount or 0
 
 
 def claim(session: Session, worker: str, lease_seconds: float) -> Submission | None:
@@ -91,13 +99,14 @@ def claim(session: Session, worker: str, lease_seconds: float) -> Submission | N
 
 def renew(session: Session, submission_id: int, worker: str, lease_seconds: float) -> bool:
     """Extend the lease; False if the job is no longer this worker's (it was taken over)."""
-    result = session.execute(
-        update(Submission)
-        .where(*_held_by(submission_id, worker))
-        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+    return bool(
+        _commit_update(
+            session,
+            update(Submission)
+            .where(*_held_by(submission_id, worker))
+            .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds)),
+        )
     )
-    session.commit()
-    return bool(result.rowcount)
 
 
 def finish(
@@ -113,7 +122,8 @@ def finish(
     costs: dict[str, Any] | None = None,
 ) -> bool:
     """Record a job's outcome if the worker still holds it; False if another worker took it."""
-    result = session.execute(
+    changed = _commit_update(
+        session,
         update(Submission)
         .where(*_held_by(submission_id, worker))
         .values(
@@ -126,7 +136,6 @@ def finish(
             finished_at=utcnow(),
             lease_owner=None,
             lease_expires_at=None,
-        )
+        ),
     )
-    session.commit()
-    return bool(result.rowcount)
+    return bool(changed)

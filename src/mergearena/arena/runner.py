@@ -81,8 +81,8 @@ from mergearena.recipe import Recipe
 
 if TYPE_CHECKING:
     from mergearena.arena.inference import Hooks
+    from mergearena.checkpoints.routed import Manifest
     from mergearena.evaluation import Task
-    from mergearena.routed.manifest import Manifest
 
 RESULT_FILE = "result.json"
 
@@ -202,7 +202,7 @@ def _method_file(
 ) -> Iterator[Merged]:
     """Merge a single-file submission's RECIPE; its hooks, if any, run on the merged model."""
     from mergearena.arena.inference import Hooks, bind_module_hooks, module_hook_functions
-    from mergearena.evaluation import LanguageModel
+    from mergearena.models import LanguageModel
 
     recipe, module = load_method_file(path)
     functions = module_hook_functions(module, path.name)  # a bad signature fails before merging
@@ -227,9 +227,9 @@ def _starter_kit(
     the model it left, in the job's dtype."""
     import torch
 
-    from llm_merging import submission
+    from llm_merging import resolution, submission
     from mergearena.arena.inference import Hooks, starter_kit_hooks
-    from mergearena.evaluation.model import parse_dtype
+    from mergearena.models import parse_dtype
 
     package = submission.find_package(directory)
     with submission.installed(package, policy):
@@ -243,11 +243,13 @@ def _starter_kit(
                 f"tuples, got {models!r}"
             )
         # Refuse a disallowed or oversized model before merge() spends time on the others.
-        base_dir = submission.resolve(method.base_model_name, method.base_model_revision_id)
+        base_dir = resolution.resolve(method.base_model_name, method.base_model_revision_id)
         for model_name, revision in models:
-            submission.resolve(model_name, revision)
+            resolution.resolve(model_name, revision)
         returned = method.merge()
-        model = returned if isinstance(returned, torch.nn.Module) else method.base_model
+        # A transformers or PEFT model of the submission's making, used by duck typing as the
+        # starter kit does (merge_and_unload, save_pretrained): no one class declares them all.
+        model: Any = returned if isinstance(returned, torch.nn.Module) else method.base_model
         if model is None:
             raise SubmissionError(
                 f"{method_class.__name__}.merge() left no model: load the base model "
@@ -273,7 +275,7 @@ def _starter_kit(
 def open_routed(directory: Path) -> tuple[Path, Manifest]:
     """The routed-experts model unpacked from an upload (``mergearena route``'s directory, at the
     top or one folder down) and its manifest, or a ``SubmissionError`` saying what is wrong."""
-    from mergearena.routed.manifest import ArrowRouter, find_routed_dir, read_manifest
+    from mergearena.checkpoints.routed import ArrowRouter, find_routed_dir, read_manifest
 
     routed = find_routed_dir(directory) if directory.is_dir() else None
     if routed is None:
@@ -367,9 +369,9 @@ def _run(spec: JobSpec, out: Path, started: float) -> dict[str, Any]:
     from mergearena.arena.inference import predict
     from mergearena.dtypes import choose_dtype
     from mergearena.errors import TaskError
-    from mergearena.evaluation import LanguageModel, evaluate, load_task
-    from mergearena.evaluation.model import parse_device
+    from mergearena.evaluation import evaluate, load_task
     from mergearena.evaluation.runner import choose_strategy
+    from mergearena.models import LanguageModel, parse_device
 
     parse_device(spec.device)  # bad settings fail before the merge, not after it
     print(choose_dtype(spec.dtype, spec.device).describe(spec.dtype), flush=True)

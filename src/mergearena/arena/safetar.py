@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from mergearena.checkpoints.writer import atomic_directory
 from mergearena.errors import SubmissionError
@@ -33,6 +33,13 @@ _TAR_OVERHEAD_PER_MEMBER = 8 * 1024
 # Reading these exceptions means the archive itself is broken (bad header, truncated, bad CRC).
 _CORRUPT = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError)
 _HOW_TO_PACK = "create it with `tar czf submission.tar.gz -C <your directory> .`"
+
+
+class _Readable(Protocol):
+    """All a tar stream or a member's data is read through: the raw file, a gzip decompressor
+    or a member's reader, which share no base class but ``read``."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 def extract_archive(
@@ -136,7 +143,7 @@ class _Extraction:
         if relative is not None:
             self._make_directories(relative, name)
 
-    def add_file(self, name: str, source: BinaryIO, declared_size: int) -> None:
+    def add_file(self, name: str, source: _Readable, declared_size: int) -> None:
         """Copy ``source`` to a new file, counting the bytes really written against the limits."""
         relative = self.path(name, "file")
         if relative is None:
@@ -199,7 +206,7 @@ class _CappedReader:
     in one call) never asks the decompressor for more than the limit.
     """
 
-    def __init__(self, stream: BinaryIO, limit: int, archive: str) -> None:
+    def __init__(self, stream: _Readable, limit: int, archive: str) -> None:
         self.stream, self.left, self.archive = stream, limit, archive
         self.limit = limit
 
@@ -215,7 +222,7 @@ class _CappedReader:
         return data
 
 
-def _extract_tar(decompressed: BinaryIO, extraction: _Extraction) -> None:
+def _extract_tar(decompressed: _Readable, extraction: _Extraction) -> None:
     limit = extraction.max_bytes + (extraction.max_files + 2) * _TAR_OVERHEAD_PER_MEMBER
     stream = _CappedReader(decompressed, limit, extraction.archive)
     # "r|": a single forward pass that never seeks, so the cap above sees every byte.

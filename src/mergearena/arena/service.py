@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import SQLColumnExpression, case, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -435,7 +435,7 @@ def check_code(competition: Competition, file_name: str, content: bytes) -> str:
     from mergearena.arena.runner import open_routed
     from mergearena.arena.safetar import extract_archive
     from mergearena.arena.sandbox import sandbox_available
-    from mergearena.routed.manifest import find_routed_dir
+    from mergearena.checkpoints.routed import find_routed_dir
 
     if not file_name.lower().endswith(".py"):
         with tempfile.TemporaryDirectory() as scratch:
@@ -807,6 +807,7 @@ def leaderboard(session: Session, phase: Phase, mode: str | None = None) -> list
     # "team": every baseline submission keeps its row.
     final = phase.kind == "final"
     source = aliased(Submission)  # a finals rerun's source, where the team's pick is marked
+    order: tuple[SQLColumnExpression[Any], ...]
     if final:
         order = (
             case((source.is_final, 0), else_=1),
@@ -825,7 +826,7 @@ def leaderboard(session: Session, phase: Phase, mode: str | None = None) -> list
     if final:  # a team's own upload there (refused since, but in older databases) is no final
         entries.append(or_(Submission.rerun_of.is_not(None), Team.is_baseline))
     entrant = case((Team.is_baseline, -Submission.id), else_=Submission.team_id)
-    numbered = select(
+    query = select(
         Submission.id,
         Submission.name,
         Submission.average,
@@ -837,8 +838,8 @@ def leaderboard(session: Session, phase: Phase, mode: str | None = None) -> list
         func.row_number().over(partition_by=entrant, order_by=order).label("position"),
     ).join(Team, Submission.team_id == Team.id)
     if final:
-        numbered = numbered.outerjoin(source, source.id == Submission.rerun_of)
-    numbered = numbered.where(*entries).subquery()
+        query = query.outerjoin(source, source.id == Submission.rerun_of)
+    numbered = query.where(*entries).subquery()
     chosen = session.execute(select(numbered).where(numbered.c.position == 1)).all()
     visible = phase.scores_visible
     # While a phase hides its scores the order would give them away: list by time, unranked.

@@ -140,7 +140,9 @@ def _python_paths() -> list[Path]:
     import mergearena
 
     paths = {Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(sys.executable)).parent}
-    paths.update(Path(m.__file__).resolve().parent for m in (mergearena, llm_merging))
+    for package in (mergearena, llm_merging):
+        assert package.__file__ is not None  # each is a regular package, with an __init__.py
+        paths.add(Path(package.__file__).resolve().parent)
     for variable in ("PYTHONPATH", "LD_LIBRARY_PATH"):
         paths.update(Path(p) for p in os.environ.get(variable, "").split(os.pathsep) if p)
     return sorted(p for p in paths if p.exists())

@@ -2,6 +2,7 @@
 
 - ``Checkpoint.open(dir)``: lazy safetensors (single or sharded) or safe ``.bin`` reading.
 - ``LoraAdapter.open(dir)``: a PEFT LoRA adapter's factors and per-tensor deltas.
+- ``routed.read_manifest(dir)``: a routed model's directory (``routed.json``) and its parameters.
 - ``StreamingShardWriter`` / ``atomic_directory`` / ``copy_support_files``: write merged models.
 - ``resolve_model_ref("path" | "zoo:NAME" | "org/name[@rev]")``: find a model locally.
 """

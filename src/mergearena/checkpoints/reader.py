@@ -188,7 +188,7 @@ def _pread_tensor(descriptor: int, info: TensorInfo) -> torch.Tensor:
     """Read one tensor's bytes into a fresh tensor the caller owns."""
     buffer = torch.empty(info.nbytes, dtype=torch.uint8)
     if info.nbytes:
-        _pread_into(descriptor, info, memoryview(buffer.numpy()), 0)
+        _pread_into(descriptor, info, buffer.numpy().data, 0)
     return buffer.view(info.dtype).reshape(info.shape)
 
 

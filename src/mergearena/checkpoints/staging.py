@@ -93,11 +93,11 @@ class Stager:
                 copied = self._record(chunk)
                 if previous is not None:
                     previous[1].synchronize()
-                    sink(memoryview(previous[0].numpy()))
+                    sink(previous[0].numpy().data)
                 previous = (buffer, copied)
             if previous is not None:
                 previous[1].synchronize()
-                sink(memoryview(previous[0].numpy()))
+                sink(previous[0].numpy().data)
 
     def fetch(self, tensor: torch.Tensor, ready: torch.cuda.Event | None) -> torch.Tensor:
         """A small device tensor on the CPU, copied on this stream once ``ready`` has passed

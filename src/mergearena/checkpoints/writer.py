@@ -64,7 +64,7 @@ def _shard_name(index: int, count: int) -> str:
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A CPU tensor's raw little-endian bytes (any dtype, bf16 included), without a copy when it
     is contiguous."""
-    return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def _pwrite_all(descriptor: int, data: memoryview, offset: int) -> int:

@@ -2,7 +2,8 @@
 
 Python API::
 
-    from mergearena.evaluation import LanguageModel, load_task, evaluate, write_outputs
+    from mergearena.evaluation import load_task, evaluate, write_outputs
+    from mergearena.models import LanguageModel
     lm = LanguageModel.load("out/merged", device="cpu", dtype="float32")
     results = evaluate(lm, [load_task("cosmos_qa.csv")], mc_rule="loglik", batch_size="auto")
     write_outputs(results, "eval/")        # scores.json, predictions/, samples.jsonl
@@ -11,11 +12,11 @@ Strategies: ``mc_rule`` ``letter`` (lettered options, the letter's logit) or ``c
 thought; ``cot={"max_new_tokens": 128}`` overrides ``CotSettings``), ``fewshot=3`` with
 ``fewshot_from="train.csv"`` for few-shot examples (see evaluation/strategies.py).
 
+Models load through ``mergearena.models`` (the layer below this one):
 ``LanguageModel.from_state_dict(base, state_dict)`` scores weights held in memory (a merge
 candidate in a search loop) without writing them to disk.
 """
 
-from mergearena.evaluation.model import LanguageModel
 from mergearena.evaluation.runner import (
     ExampleResult,
     TaskResult,
@@ -40,7 +41,6 @@ __all__ = [
     "CotSettings",
     "Example",
     "ExampleResult",
-    "LanguageModel",
     "StarterKitWarning",
     "Task",
     "TaskResult",

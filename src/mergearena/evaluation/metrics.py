@@ -14,7 +14,7 @@ _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 
 @cache
 def _rouge_scorer() -> Any:
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # half a second to import: only for generation tasks
 
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 

@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mergearena.checkpoints.writer import atomic_directory
 from mergearena.errors import EvaluationError, TaskError
 from mergearena.evaluation import scoring, strategies
 from mergearena.evaluation.metrics import generation_metrics
-from mergearena.evaluation.model import LanguageModel
 from mergearena.evaluation.strategies import Shot
 from mergearena.evaluation.tasks import (
     GENERATION,
@@ -29,6 +30,7 @@ from mergearena.evaluation.tasks import (
     Task,
     load_task,
 )
+from mergearena.models import LanguageModel
 
 
 @dataclass
@@ -464,8 +466,6 @@ def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[str], scoring
     if not enabled:
         yield lambda _label: lambda _n: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -553,8 +553,6 @@ def write_outputs(
     """Write scores.json, predictions/<task>.csv, samples.jsonl and, for target-less tasks,
     submission.csv (the competition's ``id,prediction,dummy_field`` format). All files appear
     together: they are written to a temporary directory moved into place when complete."""
-    from mergearena.checkpoints.writer import atomic_directory
-
     unscored = [r for r in results if not r.scored]
     ids = [e.example.id for r in unscored for e in r.examples]
     if len(set(ids)) != len(ids):

@@ -40,13 +40,17 @@ import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mergearena.errors import EvaluationError
-from mergearena.evaluation.model import LanguageModel, _quiet_transformers
 from mergearena.evaluation.tasks import MC_RULES
 from mergearena.malloc import tune_cpu_allocator
+from mergearena.models import LanguageModel, cache_keyword, quiet_transformers, returned_cache
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 Progress = Callable[[int], None]
 
@@ -64,23 +68,9 @@ class ChoiceScores:
 
 
 @functools.cache
-def _takes_logits_to_keep(model_class: type) -> bool:
+def _takes_logits_to_keep(model_class: type[torch.nn.Module]) -> bool:
     """Whether ``forward`` can compute the LM head on the last positions only."""
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-@functools.cache
-def cache_keyword(model_class: type) -> str:
-    """The name ``forward`` takes the KV cache by: ``cache`` from transformers 5.24 on (which
-    warns on every call given ``past_key_values``), ``past_key_values`` before."""
-    parameters = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-def _returned_cache(out: object) -> object:
-    """The KV cache a forward returned, under either transformers' name for it."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values  # type: ignore[attr-defined]
 
 
 def encode_prompts(
@@ -292,7 +282,7 @@ def _shared_layer_classes() -> tuple[type, type] | None:
     """(``DynamicLayer``, ``SharedPromptLayer``: see inside), or None where transformers has no
     ``DynamicLayer``."""
     try:
-        from transformers.cache_utils import DynamicLayer
+        from transformers.cache_utils import DynamicLayer  # slow to import; older ones lack it
     except ImportError:
         return None
 
@@ -307,16 +297,24 @@ def _shared_layer_classes() -> tuple[type, type] | None:
             self.owner = owner
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            keys = torch.cat([self.keys[self.owner], key_states], dim=-2)
-            values = torch.cat([self.values[self.owner], value_states], dim=-2)
+            prompt_keys, prompt_values = self.keys, self.values
+            if prompt_keys is None or prompt_values is None:
+                raise EvaluationError(
+                    "a shared prompt cache layer holds no prompt states: run the prompt first"
+                )
+            keys = torch.cat([prompt_keys[self.owner], key_states], dim=-2)
+            values = torch.cat([prompt_values[self.owner], value_states], dim=-2)
             return keys, values
 
     return DynamicLayer, SharedPromptLayer
 
 
-def _shared_prompt_cache(prompt_cache: object, owner: torch.Tensor) -> object | None:
+def _shared_prompt_cache(prompt_cache: Any, owner: torch.Tensor) -> Any | None:
     """A cache whose row r reads row ``owner[r]`` of ``prompt_cache``, which stays unchanged; None
-    unless every layer is a plain ``DynamicLayer`` (sliding windows keep their own rules)."""
+    unless every layer is a plain ``DynamicLayer`` (sliding windows keep their own rules).
+
+    The caches are transformers' (``Any``: their layout differs across releases, so they are read
+    by what they have, not by one release's class)."""
     classes = _shared_layer_classes()
     layers = getattr(prompt_cache, "layers", None)
     if classes is None or not layers or any(type(layer) is not classes[0] for layer in layers):
@@ -329,7 +327,7 @@ def _shared_prompt_cache(prompt_cache: object, owner: torch.Tensor) -> object | 
 def _choice_pass(
     lm: LanguageModel,
     prompt_mask: torch.Tensor,
-    prompt_cache: object,
+    prompt_cache: Any,
     rows: list[tuple[int, int]],
     choices: list[list[list[int]]],
     last: bool,
@@ -353,7 +351,8 @@ def _choice_pass(
         attention_mask=torch.cat([prompt_mask[owner], fed_mask], dim=1),
         position_ids=positions,
         use_cache=True,
-        **{cache_keyword(type(model)): cache},
+        # mypy holds classes unhashable for functools.cache (python/mypy#11470)
+        **{cache_keyword(type(model)): cache},  # type: ignore[arg-type]
     )
     return _row_sums(out.logits, targets, fed_mask.bool())
 
@@ -381,7 +380,9 @@ def _decoder_batch(
     model, device = lm.model, lm.device
     ids, mask = (_to_device(t, device) for t in _pad(prompts, lm.tokenizer.pad_token_id, True))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if _takes_logits_to_keep(type(model)) else {}
+    # mypy holds classes unhashable for functools.cache (python/mypy#11470)
+    takes_logits_to_keep = _takes_logits_to_keep(type(model))  # type: ignore[arg-type]
+    extra = {"logits_to_keep": 1} if takes_logits_to_keep else {}
     # Without padding, no mask: transformers would find it all ones (waiting for the device to
     # say so) and drop it for plain causal attention, which is what it gets.
     unpadded = len({len(p) for p in prompts}) == 1
@@ -401,7 +402,7 @@ def _decoder_batch(
         ]
         owner, token, slot = _to_device(torch.tensor(where).T.contiguous(), device)
         scores[0, slot] = first[owner, token]
-    prompt_cache = _returned_cache(out)
+    prompt_cache = returned_cache(out)
     del out  # the prompt's logits
 
     # One row per choice with at least one token to feed: the choice without its last token.
@@ -477,7 +478,7 @@ def score_choices(
     run_budget = min(run_budget, token_budget or run_budget)
     if device.type == "cpu":
         tune_cpu_allocator()
-    with torch.inference_mode(), _quiet_transformers():
+    with torch.inference_mode(), quiet_transformers():
         scores = torch.zeros((2, offsets[-1]), dtype=torch.float32, device=device)
         for batch in plan_batches(
             order,
@@ -514,13 +515,15 @@ def score_choices(
     return results
 
 
-def _stop_at_strings(tokenizer: object, prompt_length: int, stop: Sequence[str]) -> object:
+def _stop_at_strings(
+    tokenizer: PreTrainedTokenizerBase, prompt_length: int, stop: Sequence[str]
+) -> object:
     """A stopping criterion that ends each row once its new text holds one of ``stop``.
 
     Only the last few new tokens are decoded per step (enough to hold the longest stop string),
     so the check stays cheap for long generations and never looks into the prompt.
     """
-    from transformers import StoppingCriteria
+    from transformers import StoppingCriteria  # slow to import: only when generating
 
     window = max(len(text) for text in stop) + 2
 
@@ -570,7 +573,7 @@ def generate(
     texts: list[str] = [""] * len(prompts)
     if lm.device.type == "cpu":
         tune_cpu_allocator()
-    with torch.inference_mode(), _quiet_transformers():
+    with torch.inference_mode(), quiet_transformers():
         for batch in plan_batches(
             order,
             [len(p) for p in prompts],
@@ -585,7 +588,7 @@ def generate(
             )
             extra = {}
             if stop:
-                from transformers import StoppingCriteriaList
+                from transformers import StoppingCriteriaList  # slow to import
 
                 prompt_length = 1 if lm.is_seq2seq else ids.shape[1]  # seq2seq: decoder start
                 extra["stopping_criteria"] = StoppingCriteriaList(

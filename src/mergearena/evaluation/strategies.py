@@ -152,9 +152,9 @@ def extract_answer(text: str, n_choices: int, cot: CotSettings) -> tuple[int | N
         else:
             found = re.findall(rf"(?<![A-Za-z0-9])([{letters}])(?![A-Za-z0-9])", text)
             extractors.append((name, found[-1] if found else None))
-    for name, letter in extractors:
+    for extractor, letter in extractors:
         if letter is not None and len(letter) == 1 and letter in letters:
-            return letters.index(letter), name
+            return letters.index(letter), extractor
     return None, None
 
 

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -30,12 +30,16 @@ from mergearena.errors import TaskError
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
 EVAL_TYPES = (MULTIPLE_CHOICE, GENERATION)
-GENERATION_METRICS = ("rougeL", "rouge1", "rouge2", "rougeLsum", "exact_match", "numeric_match")
+GenerationMetric = Literal[
+    "rougeL", "rouge1", "rouge2", "rougeLsum", "exact_match", "numeric_match"
+]
+GENERATION_METRICS: tuple[GenerationMetric, ...] = get_args(GenerationMetric)
 # How a multiple-choice row is answered: loglik and starter-kit score each choice's tokens; letter
 # and cot show the options lettered A, B, C... (see evaluation/strategies.py).
-MC_RULES = ("loglik", "starter-kit", "letter", "cot")
 McRule = Literal["loglik", "starter-kit", "letter", "cot"]
-COT_FALLBACKS = ("answer-colon", "last-letter")
+MC_RULES: tuple[McRule, ...] = get_args(McRule)
+CotFallback = Literal["answer-colon", "last-letter"]
+COT_FALLBACKS: tuple[CotFallback, ...] = get_args(CotFallback)
 DEFAULT_MAX_NEW_TOKENS = 64  # the starter kit's max_gen_len
 REQUIRED_COLUMNS = ("id", "input", "eval_type")
 
@@ -63,7 +67,7 @@ class CotSettings(BaseModel):
         default=r"answer is \(?([A-J])\)?",
         description="regular expression whose first group is the answer letter (first match)",
     )
-    fallbacks: list[Literal[*COT_FALLBACKS]] = Field(
+    fallbacks: list[CotFallback] = Field(
         default_factory=lambda: list(COT_FALLBACKS),
         description="tried in order when the pattern finds no valid letter",
     )
@@ -113,7 +117,7 @@ class TaskSettings(BaseModel):
     """What a sidecar may set. Every key is optional; unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
-    metric: Literal["accuracy", *GENERATION_METRICS] | None = Field(
+    metric: Literal["accuracy", GenerationMetric] | None = Field(
         default=None, description="main metric for generation rows (multiple choice: accuracy)"
     )
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, le=8192)

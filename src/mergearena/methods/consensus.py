@@ -57,24 +57,27 @@ def disjoint_merge_(
     """
     sign = elected_sign(deltas, consensus, out=scratch)
     merged = deltas.pop(0).mul_(sign).clamp_(min=0)  # Σ aᵢ|δᵢ| so far
-    if normalize:
-        divisor = torch.sign(merged, out=float32_buffer(merged, divisor)).mul_(weights[0])
+    agreeing_weight = (  # Σ aᵢwᵢ so far, the divisor when normalizing
+        torch.sign(merged, out=float32_buffer(merged, divisor)).mul_(weights[0])
+        if normalize
+        else None
+    )
     for weight in weights[1:]:
         delta = deltas.pop(0).mul_(sign).clamp_(min=0)
         merged.add_(delta)
-        if normalize:
-            divisor.add_(delta.sign_(), alpha=weight)
+        if agreeing_weight is not None:
+            agreeing_weight.add_(delta.sign_(), alpha=weight)
         del delta
     merged.mul_(sign)
-    if not normalize:
+    if agreeing_weight is None:
         return merged
     if min(weights) >= 0:
         # Σ aᵢwᵢ is 0 only where no model agrees, and there the merged value is 0 as well, so a
         # tiny floor is the same as mergekit's "divide by 1 there", and much faster.
-        divisor.clamp_(min=torch.finfo(torch.float32).tiny)
+        agreeing_weight.clamp_(min=torch.finfo(torch.float32).tiny)
     else:
-        divisor.masked_fill_(divisor == 0, 1)
-    return merged.div_(divisor)
+        agreeing_weight.masked_fill_(agreeing_weight == 0, 1)
+    return merged.div_(agreeing_weight)
 
 
 def sum_merge_(deltas: list[Tensor], weights: list[float], normalize: bool) -> Tensor:

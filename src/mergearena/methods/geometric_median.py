@@ -64,7 +64,7 @@ def geometric_median(
     tensors: list[Tensor],
     *,
     base: Tensor,
-    weight: Annotated[list[float], Range(ge=0)] = 1.0,
+    weight: Annotated[list[float] | float, Range(ge=0)] = 1.0,
     max_iter: Annotated[int, Range(ge=0)] = 100,
     tol: Annotated[float, Range(ge=0)] = 1e-6,
     lambda_: float = 1.0,

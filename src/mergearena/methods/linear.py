@@ -82,7 +82,7 @@ def linear(tensors: list[Tensor], *, weight: list[float], normalize: bool = True
 @merge_method(
     "passthrough", reference="https://github.com/arcee-ai/mergekit", min_models=1, max_models=1
 )
-def passthrough(tensors: list[Tensor], *, scale: list[float] = 1.0) -> Tensor:
+def passthrough(tensors: list[Tensor], *, scale: list[float] | float = 1.0) -> Tensor:
     """Copy one model's tensor unchanged, optionally multiplied by a scale factor.
 
     ``θ = scale · θ₁``; used for layer stacking ("frankenmerges") and to copy tensors as they are.

@@ -51,7 +51,7 @@ def low_rank_svd(up: Tensor, down: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 @merge_method("lora_concat", reference="https://arxiv.org/abs/2106.09685", output="adapter")
-def lora_concat(factors: list[LoraFactors], *, weight: list[float] = 1.0) -> LoraFactors:
+def lora_concat(factors: list[LoraFactors], *, weight: list[float] | float = 1.0) -> LoraFactors:
     """Exact adapter merge by concatenating ranks: ΔW = Σ wᵢ sᵢ Bᵢ Aᵢ with rank Σ rᵢ.
 
     ``up = [w₁s₁B₁ | … ]``, ``down = [A₁; …]``, scale 1 (see ``stacked_factors``); the merged
@@ -71,7 +71,7 @@ def lora_svd(
     factors: list[LoraFactors],
     *,
     rank: Annotated[int, Range(ge=1)],
-    weight: list[float] = 1.0,
+    weight: list[float] | float = 1.0,
 ) -> LoraFactors:
     """Rank-bounded adapter merge: the best rank-r approximation of Σ wᵢ sᵢ Bᵢ Aᵢ by SVD.
 

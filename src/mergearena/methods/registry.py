@@ -8,7 +8,9 @@ them):
 - A keyword argument ``base: Tensor`` makes a base model required; ``base: Tensor | None = None``
   makes it optional.
 - Arguments annotated ``list[...]`` are per-model parameters (one value per entry of ``tensors``);
-  scalars (``float``, ``int``, ``bool``, ``str``/``Literal``) are global.
+  scalars (``float``, ``int``, ``bool``, ``str``/``Literal``) are global. A per-model parameter
+  with a default is annotated ``list[X] | X``: its default is one value for every model (and a
+  direct Python call may pass one too).
 - ``Annotated[float, Range(...)]`` (or ``Annotated[list[float], Range(...)]``) declares the valid
   range.
 - A trailing underscore maps a Python keyword to its recipe key: ``lambda_`` is ``lambda`` in YAML.
@@ -201,6 +203,20 @@ def degenerate_cases(doc: str) -> str:
     return ""
 
 
+def _per_model_item(annotation: Any) -> Any | None:
+    """The item annotation of a per-model parameter (``list[X]`` or ``list[X] | X``), else None."""
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+        lists = [m for m in members if typing.get_origin(m) is list]
+        if len(members) == 2 and len(lists) == 1:
+            (item,) = typing.get_args(lists[0])
+            if item in members:
+                return item
+    return None
+
+
 def _is_optional_tensor(annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
@@ -233,9 +249,10 @@ def merge_method(
                 random = True
                 continue
             annotation, valid_range = _unwrap(hints[arg])
-            per_model = typing.get_origin(annotation) is list
-            if per_model:
-                annotation, inner_range = _unwrap(typing.get_args(annotation)[0])
+            per_model_item = _per_model_item(annotation)
+            per_model = per_model_item is not None
+            if per_model_item is not None:
+                annotation, inner_range = _unwrap(per_model_item)
                 valid_range = valid_range or inner_range
             kind, choices = _scalar_kind(annotation)
             parameters.append(

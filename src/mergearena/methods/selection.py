@@ -123,7 +123,8 @@ def _scan_brackets(
     """One scan of ``source`` for every bracket ``(low, high)`` (see ``_BracketScan``)."""
     numel, device = source.numel, source.device
     limit = max(_SAMPLE, numel // _COLLECT_FRACTION)
-    below, inside = [0] * len(brackets), [[] for _ in brackets]
+    below = [0] * len(brackets)
+    inside: list[list[int]] = [[] for _ in brackets]
     found: list[list[tuple[np.ndarray, np.ndarray]] | None] = [
         None if low == high else [] for low, high in brackets
     ]

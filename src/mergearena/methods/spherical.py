@@ -201,7 +201,7 @@ def karcher_mean(
 def karcher(
     tensors: list[Tensor],
     *,
-    weight: Annotated[list[float], Range(ge=0)] = 1.0,
+    weight: Annotated[list[float] | float, Range(ge=0)] = 1.0,
     max_iter: Annotated[int, Range(ge=0)] = 10,
     tol: Annotated[float, Range(gt=0)] = 1e-5,
 ) -> Tensor:

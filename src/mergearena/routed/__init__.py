@@ -5,10 +5,9 @@ picks: per token with PEFT's Arrow (``router: arrow``), or per prompt by the nea
 centroid (``router: prompt``). Build one with ``mergearena route`` or ``build_routed``; it loads
 with ``LanguageModel.load(DIR)`` and is scored by ``mergearena eval`` like any model.
 
-- ``manifest.py``: the directory's format, ``routed.json``, and its parameter count;
-- ``build.py``: experts as adapters (full fine-tunes compressed by randomized SVD), calibration;
-- ``model.py``: loading, and the forward/generate that route.
+- ``build.py``: experts as adapters (full fine-tunes compressed by randomized SVD), calibration.
 
-Import from the modules: this package's own import stays light (the arena counts a routed
-model's parameters without loading torch models).
+The directory's format (``routed.json``) and its parameter count live with the other checkpoint
+formats, in ``mergearena.checkpoints.routed``; loading, and the forward/generate that route, live
+below everything that scores, in ``mergearena.models.routed``.
 """

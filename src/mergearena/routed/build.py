@@ -24,11 +24,7 @@ from mergearena.checkpoints.lora import (
 )
 from mergearena.checkpoints.reader import Checkpoint
 from mergearena.checkpoints.refs import resolve_model_ref
-from mergearena.checkpoints.writer import atomic_directory, save_safetensors
-from mergearena.errors import CheckpointError, TaskError
-from mergearena.evaluation.tasks import Task, load_task
-from mergearena.methods.registry import LoraFactors
-from mergearena.routed.manifest import (
+from mergearena.checkpoints.routed import (
     CENTROIDS,
     ROUTERS,
     ArrowRouter,
@@ -37,6 +33,14 @@ from mergearena.routed.manifest import (
     PromptRouter,
     expert_name,
 )
+from mergearena.checkpoints.writer import atomic_directory, save_safetensors
+from mergearena.errors import CheckpointError, TaskError
+from mergearena.evaluation.runner import choose_strategy, render_prompt
+from mergearena.evaluation.scoring import encode_prompts
+from mergearena.evaluation.tasks import Task, load_task
+from mergearena.methods.registry import LoraFactors
+from mergearena.models import LanguageModel, load_model, load_tokenizer
+from mergearena.zoo.prepare import task_files
 
 DEFAULT_RANK = 16  # for full fine-tunes when no LoRA expert sets the rank
 
@@ -153,8 +157,6 @@ def calibration_tasks(
 ) -> list[Task]:
     """The first ``rows`` rows of each expert's calibration file: ``calibration``, in the order
     of ``experts``, or for a zoo expert (``zoo:<task>``, ``zoo:<task>-lora``) its train split."""
-    from mergearena.zoo.prepare import task_files
-
     if calibration and len(calibration) != len(experts):
         raise TaskError(
             f"{len(calibration)} --calibration file(s) for {len(experts)} --expert(s): give one "
@@ -188,12 +190,10 @@ def calibrate(base_dir: Path, tasks: Sequence[Task], *, batch_size: int = 8) -> 
     """One unit centroid per task (K × hidden): the normalized mean of its prompts' embeddings
     (``prompt_embeddings``) under the base, the prompts rendered as ``mergearena eval`` renders
     them with the task's own settings."""
-    from mergearena.evaluation.model import LanguageModel, _load_model, _load_tokenizer
-    from mergearena.evaluation.runner import choose_strategy, render_prompt
-    from mergearena.evaluation.scoring import encode_prompts
-    from mergearena.routed.model import prompt_embeddings
+    # models.routed imports transformers (its cache class): only when calibrating.
+    from mergearena.models.routed import prompt_embeddings
 
-    lm = LanguageModel(_load_model(base_dir, torch.float32), _load_tokenizer(base_dir))
+    lm = LanguageModel(load_model(base_dir, torch.float32), load_tokenizer(base_dir))
     centroids = []
     with torch.inference_mode():
         for task in tasks:
@@ -235,7 +235,7 @@ def build_routed(
     overwrite: bool = False,
     allow_download: bool = False,
 ) -> Manifest:
-    """Write a routed model to ``out`` (see ``routed.manifest``) and return its manifest.
+    """Write a routed model to ``out`` (see ``checkpoints.routed``) and return its manifest.
 
     ``experts`` are model references: LoRA adapters, or full fine-tunes of ``base`` compressed to
     ``rank`` (default: the first LoRA expert's rank, else 16) on the LoRA experts' target modules

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import yaml
 
 from mergearena.errors import RecipeError
-from mergearena.methods import get_method, method_names
+from mergearena.methods import MethodSpec, get_method, method_names
 from mergearena.recipe import parse_recipe
 
 RANGE_KEYS = {"search", "log", "step"}
@@ -273,6 +273,7 @@ def parse_space(source: str | Path, label: str | None = None) -> SearchSpace:
         methods = tuple(slot.dimension.choices)
     else:
         methods = (method,)
+    specs: list[MethodSpec] = []
     for name in methods:
         spec = get_method(str(name))
         if spec is None:
@@ -285,7 +286,7 @@ def parse_space(source: str | Path, label: str | None = None) -> SearchSpace:
                 f"{label}: {name} writes a LoRA adapter; a search merges full weights in memory. "
                 f"Search a full-weight method (task_arithmetic, ties, ...) instead"
             )
-    specs = [get_method(str(m)) for m in methods]
+        specs.append(spec)
     integers = {p.name for s in specs for p in s.parameters if p.kind is int}
     known = {p.name for s in specs for p in s.parameters}
 

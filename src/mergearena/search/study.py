@@ -26,17 +26,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mergearena.checkpoints.writer import write_atomic
+from mergearena.engine import plan_merge
 from mergearena.errors import MergeArenaError, RecipeError, SearchError
 from mergearena.recipe import parse_recipe
 from mergearena.search.space import SearchSpace, parse_space
 from mergearena.search.worker import TaskSpec, TrialWorker
+from mergearena.zoo import tasks as zoo_tasks
+from mergearena.zoo.prepare import task_files
 
 SAMPLERS = ("tpe", "cmaes", "nsga2", "gp")
 SIZE = "size"  # the L1 norm of the merged model's difference from base_model, minimised
 AVERAGE = "average"
+Direction = Literal["minimize", "maximize"]  # an objective's, as optuna spells it
 HOLDOUT_TRIALS = 5  # the best trials rescored on the holdout rows
 
 
@@ -86,16 +90,12 @@ def resolve_tasks(names: list[str]) -> list[tuple[str, Path]]:
     The search never reads a test split: a zoo task is its validation split, and a CSV file in a
     directory named ``test`` (or named ``test.csv``) is refused.
     """
-    from mergearena.zoo import tasks as zoo_tasks
-
     if not names:
         raise SearchError("--tasks: name at least one task (a zoo task or a CSV file)")
     found: list[tuple[str, Path]] = []
     for name in names:
         path = Path(name)
         if name in zoo_tasks.TASK_NAMES and not path.exists():
-            from mergearena.zoo.prepare import task_files
-
             found.append((name, task_files("validation", [name])[0]))
             continue
         if not path.is_file():
@@ -116,7 +116,7 @@ def resolve_tasks(names: list[str]) -> list[tuple[str, Path]]:
     return found
 
 
-def _directions(objectives: list[str], task_names: list[str]) -> list[str]:
+def _directions(objectives: list[str], task_names: list[str]) -> list[Direction]:
     known = [AVERAGE, SIZE, *task_names]
     for name in objectives:
         if name not in known:
@@ -235,9 +235,11 @@ class _Ray:
                 _check_answers(settings.ray_address)
             try:
                 if settings.ray_address:
-                    ray.init(address=settings.ray_address, **_RAY_QUIET)
+                    ray.init(
+                        address=settings.ray_address, log_to_driver=False, configure_logging=False
+                    )
                 else:
-                    ray.init(**_RAY_QUIET, include_dashboard=False)
+                    ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False)
             except Exception as error:
                 where = settings.ray_address or "a local Ray"
                 raise SearchError(
@@ -309,9 +311,6 @@ def _check_answers(address: str) -> None:
         ) from None
 
 
-_RAY_QUIET = {"log_to_driver": False, "configure_logging": False}
-
-
 # ---------------------------------------------------------------------------------------- study
 
 
@@ -368,8 +367,6 @@ class _Search:
     def _check_models(self) -> str:
         """Open every model the space names once (no tensor read): a missing or incompatible
         model fails now; returns the directory whose config and tokenizer the candidates use."""
-        from mergearena.engine import plan_merge
-
         plan, opener = plan_merge(parse_recipe(self.space.probe(self.space.methods[0], 0)))
         try:
             base = self.space.document.get("base_model")
@@ -571,6 +568,11 @@ class _Search:
         if name == AVERAGE:
             return statistics.fmean(state.scores.values())
         if name == SIZE:
+            if state.size is None:
+                raise RuntimeError(
+                    f"trial {state.trial.number}: the merge measured no size, yet {SIZE} is an "
+                    f"objective (the workers were started without delta_from)"
+                )
             return float(state.size)
         return state.scores[name]
 

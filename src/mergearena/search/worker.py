@@ -15,7 +15,10 @@ from typing import Any
 
 import torch
 
+from mergearena.engine import TensorCache, iter_output_tensors, merge_to_state_dict
 from mergearena.errors import MergeArenaError
+from mergearena.evaluation import evaluate_task, load_task
+from mergearena.models import LanguageModel
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,6 @@ class TaskSpec:
 
 def load_rows(spec: TaskSpec) -> Any:
     """The task with only the rows ``spec`` names; the split is the same in every process."""
-    from mergearena.evaluation import load_task
-
     task = load_task(spec.path)
     task.name = spec.name
     rows = task.examples
@@ -64,8 +65,6 @@ class TrialWorker:
         cache_bytes: int = 0,
         delta_from: str | None = None,
     ) -> None:
-        from mergearena.engine import TensorCache
-
         if threads:
             torch.set_num_threads(threads)
         self.base, self.device, self.dtype, self.batch_size = base, device, dtype, batch_size
@@ -81,9 +80,6 @@ class TrialWorker:
     def merge(self, document: dict[str, Any]) -> float | None:
         """Merge ``document`` into the worker's model; returns the L1 norm of its difference from
         ``delta_from`` (the 3rd place's "size of the merged delta"), or None without one."""
-        from mergearena.engine import merge_to_state_dict
-        from mergearena.evaluation import LanguageModel
-
         weights = merge_to_state_dict(document, device=self.device, cache=self.cache)
         if self.lm is None:
             self.lm = LanguageModel.from_state_dict(
@@ -91,15 +87,13 @@ class TrialWorker:
             )
         else:
             self.lm.load_weights(weights, source=self.base)
-        return self._delta_l1(weights) if self.delta_from else None
+        return self._delta_l1(weights, self.delta_from) if self.delta_from else None
 
-    def _delta_l1(self, weights: dict[str, torch.Tensor]) -> float:
-        from mergearena.engine import iter_output_tensors
-
+    def _delta_l1(self, weights: dict[str, torch.Tensor], delta_from: str) -> float:
         if self._origin is None:
             self._origin = {
                 name: tensor.to(self.device)
-                for name, tensor in iter_output_tensors(self.delta_from)
+                for name, tensor in iter_output_tensors(delta_from)
                 if tensor.is_floating_point()
             }
         total = 0.0
@@ -109,7 +103,5 @@ class TrialWorker:
 
     def score(self, index: int) -> float:
         """Task ``index``'s main metric for the model last merged."""
-        from mergearena.evaluation import evaluate_task
-
         result = evaluate_task(self.lm, self.tasks[index], batch_size=self.batch_size)
         return float(result.main_value or 0.0)

@@ -125,6 +125,7 @@ def gguf_tokenizer(meta: dict[str, Any], max_length: int):
     original ``tokenizer.json`` does (transformers' GGUF converter drops the digit split, so numbers
     would tokenize differently from the released model).
     """
+    # Slow to import, and only `zoo prepare` converts a tokenizer.
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 

@@ -26,7 +26,9 @@ from mergearena.checkpoints.refs import zoo_adapter_dir as adapter_dir
 from mergearena.checkpoints.refs import zoo_expert_names as expert_names
 from mergearena.checkpoints.refs import zoo_model_dir
 from mergearena.checkpoints.writer import atomic_directory
+from mergearena.engine import merge
 from mergearena.errors import CheckpointError
+from mergearena.zoo import tasks as zoo_tasks
 from mergearena.zoo.base import BASE_NAME, check_manifest, write_manifest
 
 CARD_DATA = "card.json"
@@ -42,8 +44,6 @@ def build_expert(task: str, *, force: bool = False) -> Path:
     """Build ``zoo:<task>``: the base with the expert's LoRA delta folded in (once; ``force``
     rebuilds). Written beside the cache and renamed into place with its manifest, so a lookup
     never sees half an expert."""
-    from mergearena.engine import merge
-
     adapter = adapter_dir(task)
     out = zoo_model_dir(task)
     if not force and check_manifest(out) is None:
@@ -80,9 +80,6 @@ def build_experts(tasks: Sequence[str] | None = None, *, force: bool = False) ->
 
 def describe() -> dict[str, Any]:
     """Everything ``mergearena zoo list`` shows: each model and task and whether it is ready."""
-    from mergearena.zoo import tasks as zoo_tasks
-    from mergearena.zoo.prepare import tasks_dir
-
     base_problem = check_manifest(zoo_model_dir(BASE_NAME))
     models = [
         {
@@ -116,7 +113,7 @@ def describe() -> dict[str, Any]:
                 "path": str(zoo_model_dir(task)),
             }
         )
-    manifest_path = tasks_dir() / "manifest.json"
+    manifest_path = zoo_tasks.tasks_dir() / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     counts = manifest.get("tasks", manifest)
     task_entries = []
@@ -139,5 +136,5 @@ def describe() -> dict[str, Any]:
         "models": models,
         "tasks": task_entries,
         "splits": list(zoo_tasks.SPLITS),
-        "tasks_dir": str(tasks_dir()),
+        "tasks_dir": str(zoo_tasks.tasks_dir()),
     }

@@ -172,6 +172,8 @@ class GGUFFile:
                 "cannot "
                 f"dequantize (supported: {', '.join(TYPE_NAMES.values())})."
             )
+        if self._map is None:
+            raise CheckpointError(f"{self.path}: closed; open the GGUF file again to read {name}")
         start = self._data_start + info.offset
         raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=start)
         if info.type == F32:

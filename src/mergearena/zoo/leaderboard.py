@@ -18,9 +18,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mergearena.checkpoints.writer import atomic_directory
-from mergearena.errors import MergeArenaError
+from mergearena.dtypes import choose_dtype
+from mergearena.engine import merge
+from mergearena.errors import EvaluationError, MergeArenaError
+from mergearena.evaluation import evaluate, load_task
+from mergearena.models import LanguageModel
+from mergearena.recipe import parse_recipe
 from mergearena.zoo.base import BASE_NAME
+from mergearena.zoo.catalog import adapter_dir, expert_names
+from mergearena.zoo.prepare import prepare, task_files
 
 BASE_REF = f"zoo:{BASE_NAME}"
 
@@ -79,17 +88,21 @@ def _score(
     progress: bool,
 ) -> tuple[dict[str, float], float]:
     """One candidate's main metric on every task, and the seconds that took (loading included)."""
-    from mergearena.evaluation import LanguageModel, evaluate
-
     started = time.perf_counter()
     lm = LanguageModel.load(model, adapter=adapter, device=device, dtype=dtype)
     results = evaluate(lm, tasks, batch_size=batch_size, progress=progress)
-    return {r.task.name: round(r.main_value, 4) for r in results}, time.perf_counter() - started
+    scores = {}
+    for result in results:
+        if result.main_value is None:
+            raise EvaluationError(
+                f"{model}: task {result.task.name} has no targets to score by; the leaderboard "
+                f"needs tasks whose rows all have a target"
+            )
+        scores[result.task.name] = round(result.main_value, 4)
+    return scores, time.perf_counter() - started
 
 
 def _start_worker(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
@@ -116,13 +129,6 @@ def run_leaderboard(
     more than one, the base and the experts are scored while the merges are made, and a
     candidate's per-row progress is not shown.
     """
-    from mergearena.dtypes import choose_dtype
-    from mergearena.engine import merge
-    from mergearena.evaluation import load_task
-    from mergearena.recipe import parse_recipe
-    from mergearena.zoo.catalog import adapter_dir, expert_names
-    from mergearena.zoo.prepare import prepare, task_files
-
     prepare(experts=False)  # the recipes name LoRA experts; `zoo prepare` builds full weights
     loaded = []
     for path in task_files(split, list(tasks) if tasks else None):
@@ -185,7 +191,7 @@ def _score_in_processes(
     rows: list[Row],
     parsed: list[tuple[str, Any]],
     where: dict[str, str],
-    arguments: tuple,
+    arguments: tuple[Sequence[Any], str, str, int | str],  # _score's tasks, device, dtype, batch
     processes: int,
     merged: Callable[[str, Any], Row],
     scored: Callable[[Row, dict[str, float], float], None],

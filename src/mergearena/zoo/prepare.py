@@ -8,16 +8,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergearena.checkpoints.refs import mergearena_cache_dir
 from mergearena.errors import TaskError
 from mergearena.zoo import tasks as zoo_tasks
 from mergearena.zoo.base import prepare_base
 from mergearena.zoo.catalog import build_experts
-
-
-def tasks_dir() -> Path:
-    """Where the zoo's task files live: ``<cache>/tasks/<split>/<task>.csv``."""
-    return mergearena_cache_dir() / "tasks"
 
 
 def _tasks_problem(directory: Path) -> str | None:
@@ -36,7 +30,7 @@ def _tasks_problem(directory: Path) -> str | None:
 
 
 def prepare_tasks(*, allow_download: bool = True, force: bool = False) -> Path:
-    directory = tasks_dir()
+    directory = zoo_tasks.tasks_dir()
     problem = "rebuild asked for" if force else _tasks_problem(directory)
     if problem is None:
         return directory
@@ -82,7 +76,7 @@ def task_files(split: str, names: list[str] | None = None) -> list[Path]:
         raise TaskError(
             f"unknown zoo task {unknown[0]!r}; the zoo has {', '.join(zoo_tasks.TASK_NAMES)}."
         )
-    directory = tasks_dir()
+    directory = zoo_tasks.tasks_dir()
     problem = _tasks_problem(directory)
     if problem is not None:
         raise TaskError(f"the zoo's tasks are not ready ({problem}); run `mergearena zoo prepare`.")

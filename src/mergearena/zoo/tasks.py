@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from mergearena.checkpoints.refs import mergearena_cache_dir
 from mergearena.checkpoints.writer import atomic_directory
 from mergearena.evaluation.tasks import GENERATION, MULTIPLE_CHOICE
 from mergearena.zoo.packages import ZooError, read_package_file
@@ -538,6 +539,11 @@ def rows_to_csv(rows: Sequence[Row]) -> str:
         choices = "" if row.answer_choices is None else repr(list(row.answer_choices))
         writer.writerow([row.id, row.input, str(row.target), choices, row.eval_type])
     return buffer.getvalue()
+
+
+def tasks_dir() -> Path:
+    """Where ``mergearena zoo prepare`` puts the zoo's task files: ``<cache>/tasks``."""
+    return mergearena_cache_dir() / "tasks"
 
 
 def task_csv(dest: Path, name: str, split: str) -> Path:

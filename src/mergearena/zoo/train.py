@@ -23,10 +23,11 @@ import torch
 from safetensors.torch import load_file
 
 from mergearena.checkpoints.writer import atomic_directory, save_safetensors
-from mergearena.evaluation.model import LanguageModel, _quiet_transformers
+from mergearena.errors import TaskError
 from mergearena.evaluation.runner import render_prompt
 from mergearena.evaluation.scoring import encode_choices, encode_prompts
 from mergearena.evaluation.tasks import GENERATION, Task
+from mergearena.models import LanguageModel, quiet_transformers
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -58,6 +59,11 @@ def training_pairs(lm: LanguageModel, task: Task, max_length: int) -> list[tuple
     eos = lm.tokenizer.eos_token_id
     pairs = []
     for example, prompt in zip(examples, prompts, strict=True):
+        if example.target is None:
+            raise TaskError(
+                f"task {task.name}, example {example.id}: no target to train on; give every "
+                f"training example a target"
+            )
         if example.eval_type == GENERATION:
             answer = lm.tokenizer(example.target, add_special_tokens=False)["input_ids"] + [eos]
         else:
@@ -102,7 +108,7 @@ def train_expert(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train, then write the adapter (bf16 weights) and ``training.json`` into ``out``."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # slow to import: only when training
 
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -115,7 +121,7 @@ def train_expert(
         target_modules=list(settings.target_modules),
         task_type="CAUSAL_LM",
     )
-    with _quiet_transformers():
+    with quiet_transformers():
         model = get_peft_model(lm.model, config)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -162,7 +168,7 @@ def train_expert(
         "loss_last_25": round(sum(losses[-25:]) / len(losses[-25:]), 4),
     }
     with atomic_directory(out, overwrite=overwrite) as staging:
-        model.save_pretrained(staging)
+        model.save_pretrained(str(staging))
         _finish_adapter(staging, base_ref)
         (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -83,8 +83,10 @@ async def _database_error(request: Request, error: OperationalError) -> Response
     return await _arena_error(request, busy)
 
 
-async def _refusal(request: Request, error: Exception) -> Response:
-    """What ``BodyLimits`` answers in the app's place, as the app's handlers would."""
+async def _known_error(request: Request, error: Exception) -> Response:
+    """The answer to an arena error or a busy database, from the app's exception handlers and
+    from ``BodyLimits`` in the app's place. (One handler taking ``Exception`` for both: Starlette
+    types a handler as taking any exception, so one for a narrower type does not check.)"""
     if isinstance(error, OperationalError):
         return await _database_error(request, error)
     if isinstance(error, MergeArenaError):
@@ -99,9 +101,9 @@ def create_app(settings: ArenaSettings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.limiter = Limiter(settings.registration_limit, settings.failed_token_limit)
-    app.add_exception_handler(MergeArenaError, _arena_error)
-    app.add_exception_handler(OperationalError, _database_error)
-    app.add_middleware(BodyLimits, refuse=_refusal)  # inside no_scripts: its answers get CSP
+    app.add_exception_handler(MergeArenaError, _known_error)
+    app.add_exception_handler(OperationalError, _known_error)
+    app.add_middleware(BodyLimits, refuse=_known_error)  # inside no_scripts: its answers get CSP
 
     @app.middleware("http")
     async def same_origin(request: Request, call_next: Any) -> Any:

@@ -91,7 +91,7 @@ def board(
     # The chart draws the teams with the best scores: only their histories are read.
     leaders = list(dict.fromkeys(r.team for r in best if r.average is not None))
     history = service.score_history(session, found, leaders[: charts.MAX_TEAMS])
-    scored = [r for r in rows if r.average is not None]
+    averages = [(r.average, r.baseline) for r in rows if r.average is not None]
     return page(
         request,
         "leaderboard.html",
@@ -103,7 +103,8 @@ def board(
         progress_svg=charts.progress_svg([charts.Point(*row) for row in history]),
         chart_teams=charts.MAX_TEAMS,
         distribution_svg=charts.distribution_svg(
-            [r.average for r in scored if not r.baseline], [r.average for r in scored if r.baseline]
+            [average for average, baseline in averages if not baseline],
+            [average for average, baseline in averages if baseline],
         ),
     )
 

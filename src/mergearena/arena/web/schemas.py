@@ -4,7 +4,7 @@ response can never carry a field its model does not name (a private log in a pub
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
@@ -101,9 +101,13 @@ class PrivateSubmissionOut(SubmissionOut):
     log: str
 
 
+@overload
+def submission_out(submission: Submission, *, private: Literal[True]) -> PrivateSubmissionOut: ...
+@overload
+def submission_out(submission: Submission, *, private: bool) -> SubmissionOut: ...
 def submission_out(submission: Submission, *, private: bool) -> SubmissionOut:
     visible = submission.phase.scores_visible
-    public = dict(
+    public = SubmissionOut(
         id=submission.id,
         name=submission.name,
         team=submission.team.name,
@@ -119,9 +123,9 @@ def submission_out(submission: Submission, *, private: bool) -> SubmissionOut:
         rerun_of=submission.rerun_of,
     )
     if not private:
-        return SubmissionOut(**public)
+        return public
     return PrivateSubmissionOut(
-        **public,
+        **dict(public),  # the field values as they are (model_dump would serialize the times)
         is_final=submission.is_final,
         file_name=submission.file_name,
         file_sha256=submission.file_sha256,
@@ -199,6 +203,10 @@ class WriteupOut(BaseModel):
         )
 
 
+def _writeup_out(writeup: Writeup | None) -> WriteupOut | None:
+    return None if writeup is None else WriteupOut.of(writeup)
+
+
 class WinnerOut(BaseModel):
     track: str
     place: int
@@ -220,7 +228,7 @@ def winners_out(competition: Competition, by_track: dict[str, list[Award]]) -> W
                     track=track,
                     place=award.place,
                     submission=submission_out(award.submission, private=False),
-                    writeup=award.submission.writeup and WriteupOut.of(award.submission.writeup),
+                    writeup=_writeup_out(award.submission.writeup),
                 )
                 for award in awards
             ]

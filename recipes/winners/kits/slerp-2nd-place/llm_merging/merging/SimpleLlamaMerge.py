@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from llm_merging import submission
+from llm_merging import resolution
 from llm_merging.merging.Merges import Merges
 from mergearena.engine import merge_to_state_dict
 
@@ -50,7 +50,7 @@ class SimpleLlamaMerge(Merges):
 
     def merge(self):
         weights = merge_to_state_dict(
-            RECIPE, device=str(self.device or "cpu"), resolve=lambda ref: submission.resolve(ref)
+            RECIPE, device=str(self.device or "cpu"), resolve=resolution.resolve
         )
         self._load_base_model()
         missing, unexpected = self.base_model.load_state_dict(weights, strict=False)

@@ -21,11 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from transformers import DynamicCache
 
+from mergearena.checkpoints.refs import resolve_model_ref
+from mergearena.checkpoints.routed import ArrowRouter, Manifest, read_manifest
 from mergearena.errors import CheckpointError, EvaluationError
-from mergearena.evaluation import scoring
-from mergearena.routed.manifest import ArrowRouter, Manifest, read_manifest
+from mergearena.models.kv_cache import cache_keyword
+from mergearena.models.loading import (
+    load_model,
+    load_tokenizer,
+    parse_device,
+    parse_dtype,
+    quiet_transformers,
+)
 
 
 def prompt_embeddings(
@@ -62,6 +71,8 @@ class RoutedModel(torch.nn.Module):
     order) route per prompt; without them the model routes itself (Arrow).
     """
 
+    centroids: torch.Tensor | None  # a buffer, registered in __init__
+
     def __init__(
         self, peft_model: Any, names: list[str] | None = None, centroids: torch.Tensor | None = None
     ) -> None:
@@ -79,6 +90,10 @@ class RoutedModel(torch.nn.Module):
         with self.peft_model.disable_adapter():
             backbone = self.peft_model.get_base_model().base_model
             embedding = prompt_embeddings(backbone, input_ids, attention_mask)
+        if self.centroids is None:
+            raise EvaluationError(
+                "this routed model routes itself (Arrow) and has no centroids to route prompts by"
+            )
         return (embedding @ self.centroids.float().T).argmax(-1)
 
     def _adapter_names(self, experts: torch.Tensor) -> list[str]:
@@ -110,7 +125,9 @@ class RoutedModel(torch.nn.Module):
                     cache.routed_experts = experts
             kwargs["adapter_names"] = self._adapter_names(experts)
         if cache is not None:
-            kwargs[scoring.cache_keyword(type(self.peft_model.get_base_model()))] = cache
+            base_class = type(self.peft_model.get_base_model())
+            # mypy holds classes unhashable for functools.cache (python/mypy#11470)
+            kwargs[cache_keyword(base_class)] = cache  # type: ignore[arg-type]
         return self.peft_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -157,48 +174,31 @@ def _continued_experts(cache: Any, rows: int) -> torch.Tensor:
 def load_routed(
     directory: Path,
     *,
-    adapter: str | Path | None = None,
     device: str = "cpu",
     dtype: str = "auto",
     allow_download: bool = False,
-) -> Any:
-    """``LanguageModel.load`` of a routed model's directory (see ``routed.manifest``)."""
-    from safetensors.torch import load_file
-
-    from mergearena.checkpoints.refs import resolve_model_ref
-    from mergearena.evaluation.model import (
-        LanguageModel,
-        _load_model,
-        _load_tokenizer,
-        _quiet_transformers,
-        parse_device,
-        parse_dtype,
-    )
-
-    if adapter is not None:
-        raise CheckpointError(
-            f"{directory} is a routed model, whose experts are its adapters; drop --adapter, or "
-            "rebuild it with `mergearena route` and that adapter as one more --expert"
-        )
+) -> tuple[RoutedModel, Any]:
+    """The routed model in ``directory`` (see ``checkpoints.routed``) on ``device``, and its base's
+    tokenizer: what ``LanguageModel.load`` wraps."""
     manifest = read_manifest(directory)
     base_dir = resolve_model_ref(manifest.base, allow_download=allow_download)
     torch_device, torch_dtype = parse_device(device), parse_dtype(dtype, device)
-    base = _load_model(base_dir, torch_dtype)
+    base = load_model(base_dir, torch_dtype)
     if getattr(base.config, "is_encoder_decoder", False):
         raise CheckpointError(f"{directory}: routed models need a decoder-only base model")
-    with _quiet_transformers():
+    with quiet_transformers():
         peft_model = _with_experts(base, directory, manifest)
     centroids = None
     if not isinstance(manifest.router, ArrowRouter):
         centroids = load_file(directory / manifest.router.centroids)["centroids"]
     names = [expert.name for expert in manifest.experts]
     model = RoutedModel(peft_model, names, centroids)
-    return LanguageModel(model.to(torch_device), _load_tokenizer(base_dir), name=str(directory))
+    return model.to(torch_device), load_tokenizer(base_dir)
 
 
 def _with_experts(base: Any, directory: Path, manifest: Manifest) -> Any:
     """``base`` as a ``PeftModel`` holding every expert (and Arrow's router)."""
-    from peft import PeftModel, create_arrow_model
+    from peft import PeftModel, create_arrow_model  # slow to import: only when loading experts
     from peft.tuners.lora import ArrowConfig
 
     paths = [str(directory / expert.adapter) for expert in manifest.experts]

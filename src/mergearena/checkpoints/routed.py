@@ -8,6 +8,7 @@ Layout of a routed model ``DIR``::
     DIR/centroids.safetensors    prompt router only: "centroids", one unit row per expert
 
 The base model is not copied: ``base`` is a model reference (``zoo:NAME``, a directory, a hub id).
+``mergearena.routed.build`` writes this format; ``mergearena.models.routed`` loads it.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mergearena.checkpoints.lora import ADAPTER_BIN, ADAPTER_SAFETENSORS
+from mergearena.checkpoints.reader import Checkpoint
+from mergearena.checkpoints.refs import resolve_model_ref
 from mergearena.errors import CheckpointError
 
 MANIFEST = "routed.json"
-FORMAT = "mergearena-routed-lora"
+FORMAT: Final = "mergearena-routed-lora"
 CENTROIDS = "centroids.safetensors"
 ROUTERS = {"arrow": "per token, PEFT's Arrow", "prompt": "per prompt, nearest centroid"}
 
@@ -160,10 +164,6 @@ def expert_name(ref: str) -> str:
 def count_parameters(directory: str | Path) -> int:
     """Every parameter a routed model runs with, from weight-file headers: the base's, each
     expert adapter's (and Arrow's general adapters'), and the prompt router's centroids."""
-    from mergearena.checkpoints.lora import ADAPTER_BIN, ADAPTER_SAFETENSORS
-    from mergearena.checkpoints.reader import Checkpoint
-    from mergearena.checkpoints.refs import resolve_model_ref
-
     directory = Path(directory).expanduser()
     manifest = read_manifest(directory)
     router = manifest.router
