@@ -2,9 +2,10 @@
 
 Clones this repository's HEAD into ``--dir`` (``../shared`` linked beside it when this checkout
 has one), runs each command there one after another, nothing else in between, and prints
-README.md's table: the command, whether ``.venv/`` existed before it, its wall time, and the
-line that says how it ended (pytest's summary, the main job's verdict). The logs stay in
-``--dir``. On an AVX-512 machine, ``--avx2`` emulates the 2-core AVX2 CPUs the README quotes.
+bench/README.md's table (whose times README.md quotes): the command, whether ``.venv/`` existed
+before it, its wall time, and the line that says how it ended (pytest's summary, the main job's
+verdict). The logs stay in ``--dir``. On an AVX-512 machine, ``--avx2`` emulates the 2-core AVX2
+CPUs the README quotes.
 
     python3 bench/readme_timings.py --dir /tmp/fresh --avx2
 """

@@ -1,4 +1,4 @@
-"""Print zoo leaderboards (``mergearena demo``'s ``leaderboard.json``) as the README's table.
+"""Print zoo leaderboards (``mergearena demo``'s ``leaderboard.json``) as docs/zoo.md's table.
 
 python scripts/leaderboard_table.py /tmp/demo-full/leaderboard.json
 python scripts/leaderboard_table.py /tmp/demo-full/leaderboard.json /tmp/searched/leaderboard.json

@@ -1,5 +1,6 @@
 """Print a markdown table of accuracy per task (rows) and inference strategy (columns), read from
-the scores.json of `mergearena eval` output directories.
+the scores.json of `mergearena eval` output directories: the tables of docs/evaluation.md
+("Inference strategies").
 
     .venv/bin/python scripts/strategy_table.py loglik=/tmp/ev/loglik letter=/tmp/ev/letter \
         3-shot=/tmp/ev/fewshot-zoo,/tmp/ev/fewshot-cosmos cot=/tmp/ev/cot

@@ -6,7 +6,7 @@ The best setting of each method became ``recipes/zoo-<method>.yaml``.
 
     python scripts/tune_zoo_merges.py --device cuda                 # a few minutes on a GPU
     python scripts/tune_zoo_merges.py --limit 50 --only ta-1.0 ties-d0.5-l1.0   # a subset, on CPU
-    python scripts/tune_zoo_merges.py --only geometric-median multislerp --markdown  # README rows
+    python scripts/tune_zoo_merges.py --only geometric-median multislerp --markdown  # docs/zoo.md
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the merges and scores here")
     parser.add_argument("--json", type=Path, default=None, help="write the ranking here")
     parser.add_argument(
-        "--markdown", action="store_true", help="also print the rows as the README's table (in %)"
+        "--markdown", action="store_true", help="also print the rows as docs/zoo.md's table (in %)"
     )
     args = parser.parse_args()
     chosen = {k: v for k, v in candidates().items() if not args.only or k in args.only}
