@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepare .venv with mergearena and its dependencies. Idempotent; never downloads models.
+# Prepare .venv with mergearena and its dependencies (--test: and the test tools). Idempotent;
+# never downloads models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -18,5 +19,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     fi
 fi
 # The versions CI tested (constraints.txt), so a fresh machine does not pick up a release that
-# changed behaviour since (transformers 5.24 renamed the KV-cache argument, for one).
-.venv/bin/pip install --quiet -c constraints.txt -e ".[test]"
+# changed behaviour since (transformers 5.24 renamed the KV-cache argument, for one). With
+# `--test` (scripts/test.sh), the test tools too (pytest, ruff, mypy, import-linter, playwright,
+# psycopg): the main job does not need them, and a fresh .venv/ is made faster without them.
+if [ "${1:-}" = "--test" ]; then
+    .venv/bin/pip install --quiet -c constraints.txt -e ".[test]"
+else
+    .venv/bin/pip install --quiet -c constraints.txt -e .
+fi

@@ -3,7 +3,7 @@
 # end-to-end and zoo tests included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 .venv/bin/ruff check src tests bench scripts recipes
 # The layers of docs/ARCHITECTURE.md ([tool.importlinter]) and the types ([tool.mypy]).
 .venv/bin/lint-imports
